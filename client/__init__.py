@@ -1,0 +1,31 @@
+"""A typed gRPC client for loraserve (sync and asyncio); needs no torch."""
+
+from loraserve.client.client import DEFAULT_TARGET, AsyncClient, Client
+from loraserve.client.types import (
+    AdapterInfo,
+    Generation,
+    LoraserveRpcError,
+    ModelInfo,
+    RagAnswer,
+    Source,
+    StopReason,
+    StreamChunk,
+    Token,
+    Tokenization,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AdapterInfo",
+    "AsyncClient",
+    "Client",
+    "Generation",
+    "LoraserveRpcError",
+    "ModelInfo",
+    "RagAnswer",
+    "Source",
+    "StopReason",
+    "StreamChunk",
+    "Token",
+    "Tokenization",
+]

@@ -1,0 +1,173 @@
+"""The client-side CLI commands: generate, chat, rag, info, tokenize, health. They need grpc only, never torch."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from loraserve.client.client import Client
+from loraserve.client.types import GenerationOptions, LoraserveRpcError, StreamChunk
+
+from loraserve.config import ClientConfig, from_namespace
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """Request options shared by generate, chat and rag; unset ones leave the server's defaults."""
+    group = parser.add_argument_group("generation")
+    group.add_argument("--adapter", dest="adapter_id", default="", help="LoRA adapter id (default: the base model)")
+    group.add_argument("--max-new-tokens", type=int, help="most new tokens (default: the server's)")
+    group.add_argument("--min-new-tokens", type=int, help="no EOS or stop sequence before this many tokens")
+    group.add_argument("--temperature", type=float, help="sampling temperature; unset or 0 is greedy")
+    group.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    group.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+    group.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    group.add_argument("--repetition-penalty", type=float, help="> 1 discourages repetition")
+    group.add_argument("--stop", dest="stop_sequences", action="append", default=[], help="stop sequence (repeatable)")
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    names = (
+        "adapter_id",
+        "max_new_tokens",
+        "min_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "repetition_penalty",
+        "stop_sequences",
+    )
+    return GenerationOptions(**{n: getattr(args, n) for n in names if getattr(args, n) not in (None, "", [])})
+
+
+def _client(args: argparse.Namespace) -> Client:
+    config = from_namespace(ClientConfig, args)
+    return Client(config.target, timeout=config.timeout)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+
+
+def _stream_to_stdout(chunks: Any) -> StreamChunk | None:
+    last = None
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    return last
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Send one prompt (as a user message, or raw with --raw) and print the answer."""
+    messages = None
+    if not args.raw:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+    prompt = args.prompt if args.raw else None
+    with _client(args) as client:
+        if args.stream:
+            last = _stream_to_stdout(client.stream(prompt, messages=messages, **generation_options(args)))
+            if args.json and last is not None:
+                _print_json(dataclasses.asdict(last))
+            return 0
+        result = client.generate(prompt, messages=messages, **generation_options(args))
+    if args.json:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(result.text)
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    """An interactive conversation, streamed. /reset forgets it, /exit (or end of input) leaves."""
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    with _client(args) as client:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if line in ("/exit", "/quit"):
+                return 0
+            if line == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            sys.stdout.write("assistant> ")
+            reply: list[str] = []
+            for chunk in client.stream(messages=history, **generation_options(args)):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                reply.append(chunk.text)
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def rag(args: argparse.Namespace) -> int:
+    """Answer a question from text files; each file is one document, its name the id."""
+    documents = [
+        {"id": Path(p).name, "text": Path(p).read_text(encoding="utf-8"), "title": Path(p).stem} for p in args.document
+    ]
+    with _client(args) as client:
+        answer = client.rag_query(args.query, documents, top_k=args.top_k_passages, **generation_options(args))
+    if args.json:
+        _print_json(dataclasses.asdict(answer))
+        return 0
+    print(answer.text)
+    for source in answer.sources:
+        print(f"[{source.rank}] {source.document_id} (score {source.score:.2f}): {source.passage[:100]}")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    """Describe the served model, its adapters, limits and live stats."""
+    with _client(args) as client:
+        model = client.model_info()
+    if args.json:
+        _print_json(dataclasses.asdict(model))
+        return 0
+    print(
+        f"{model.model_name} ({model.architecture}, {model.dtype} on {model.device}, "
+        f"context {model.max_sequence_length} tokens, quantization {model.quantization})"
+    )
+    print(f"source: {model.model_source}   prompt format: {model.prompt_format}   loraserve {model.server_version}")
+    for adapter in model.adapters:
+        print(
+            f"adapter {adapter.id}: r={adapter.rank} alpha={adapter.alpha:g} "
+            f"targets={','.join(adapter.target_modules)} ({adapter.source})"
+        )
+    print("limits: " + ", ".join(f"{k}={v}" for k, v in model.limits.items()))
+    print("stats:  " + ", ".join(f"{k}={v:g}" for k, v in model.stats.items()))
+    return 0
+
+
+def tokenize(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.tokenize(args.text, return_tokens=args.tokens)
+    print(result.token_count)
+    for token in result.tokens:
+        print(f"{token.id}\t{token.text!r}")
+    return 0
+
+
+def health(args: argparse.Namespace) -> int:
+    """Print the health status; exit 0 only when SERVING (a container health check)."""
+    config = from_namespace(ClientConfig, args)
+    try:
+        with Client(config.target, timeout=min(config.timeout, args.health_timeout)) as client:
+            status = client.health(args.service)
+    except LoraserveRpcError as error:
+        print(f"{error.code.name}: {error.details}")
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1

@@ -1,0 +1,314 @@
+"""The client's typed results, built from the contract's messages, and the request builders both clients share."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+import grpc
+
+from loraserve.v1 import inference_pb2 as pb
+
+
+class StopReason(enum.StrEnum):
+    """Why generation ended (the contract's StopReason without its prefix)."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    MAX_TOKENS = "MAX_TOKENS"
+    EOS_TOKEN = "EOS_TOKEN"
+    STOP_SEQUENCE = "STOP_SEQUENCE"
+    TIME_LIMIT = "TIME_LIMIT"
+    CANCELLED = "CANCELLED"
+    TOKEN_LIMIT = "TOKEN_LIMIT"
+
+    @classmethod
+    def from_proto(cls, value: int) -> StopReason:
+        return cls(pb.StopReason.Name(value).removeprefix("STOP_REASON_"))  # type: ignore[arg-type]
+
+
+class LoraserveRpcError(Exception):
+    """A call failed; `code` is the gRPC status (e.g. INVALID_ARGUMENT) and `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.request_id = request_id
+
+    @classmethod
+    def from_grpc(cls, error: grpc.RpcError) -> LoraserveRpcError:
+        metadata = dict(error.initial_metadata() or ()) if hasattr(error, "initial_metadata") else {}
+        return cls(error.code(), error.details() or "", metadata.get("x-request-id"))
+
+
+class GenerationOptions(TypedDict, total=False):
+    """Keyword options of generate, stream and rag_query; each maps to one request field of the contract."""
+
+    adapter_id: str
+    # sampling
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    repetition_penalty: float
+    # stopping
+    max_new_tokens: int
+    min_new_tokens: int
+    stop_sequences: Sequence[str]
+    include_stop_sequence: bool
+    time_limit_ms: int
+    # response details (not for rag_query)
+    token_ids: bool
+    logprobs: bool
+    top_n: int
+    input_tokens: bool
+    truncate_input_tokens: int
+
+
+_SAMPLING = ("temperature", "top_k", "top_p", "seed", "repetition_penalty")
+_STOPPING = ("max_new_tokens", "min_new_tokens", "include_stop_sequence", "time_limit_ms")
+_RESPONSE = ("token_ids", "logprobs", "top_n", "input_tokens")
+
+
+def _fill(message: Any, options: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        if options.get(name) is not None:
+            setattr(message, name, options[name])
+
+
+def _messages(items: Sequence[Mapping[str, str]] | None) -> list[pb.Message]:
+    return [pb.Message(role=m["role"], content=m["content"]) for m in items or ()]
+
+
+def build_generation(
+    request: Any, prompt: str | None, messages: Sequence[Mapping[str, str]] | None, options: GenerationOptions
+) -> Any:
+    """Fill a GenerateRequest or GenerateStreamRequest from a prompt or messages and keyword options."""
+    unknown = set(options) - GenerationOptions.__optional_keys__
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    request.prompt = prompt or ""
+    request.messages.extend(_messages(messages))
+    request.adapter_id = options.get("adapter_id", "")
+    _fill(request.sampling, options, _SAMPLING)
+    _fill(request.stopping, options, _STOPPING)
+    request.stopping.stop_sequences.extend(options.get("stop_sequences", ()))
+    _fill(request.response, options, _RESPONSE)
+    if options.get("truncate_input_tokens") is not None:
+        request.truncate_input_tokens = options["truncate_input_tokens"]
+    return request
+
+
+def build_rag_query(
+    query: str, documents: Sequence[Mapping[str, Any]], top_k: int | None, options: GenerationOptions
+) -> pb.RagQueryRequest:
+    not_for_rag = set(options) - {"adapter_id", *_SAMPLING, *_STOPPING, "stop_sequences"}
+    if not_for_rag:
+        raise TypeError(f"option(s) not available for rag_query: {', '.join(sorted(not_for_rag))}")
+    request = pb.RagQueryRequest(
+        query=query,
+        adapter_id=options.get("adapter_id", ""),
+        documents=[
+            pb.Document(id=d["id"], text=d["text"], title=d.get("title", ""), metadata=d.get("metadata", {}))
+            for d in documents
+        ],
+    )
+    if top_k is not None:
+        request.top_k = top_k
+    _fill(request.sampling, options, _SAMPLING)
+    _fill(request.stopping, options, _STOPPING)
+    request.stopping.stop_sequences.extend(options.get("stop_sequences", ()))
+    return request
+
+
+def build_tokenize(
+    text: str | None, messages: Sequence[Mapping[str, str]] | None, return_tokens: bool
+) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(text=text or "", messages=_messages(messages), return_tokens=return_tokens)
+
+
+@dataclass(frozen=True)
+class TopToken:
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Token:
+    """A prompt or generated token; logprob and top_tokens only when they were asked for."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+    top_tokens: tuple[TopToken, ...] = ()
+
+    @classmethod
+    def from_proto(cls, info: pb.TokenInfo) -> Token:
+        return cls(
+            id=info.id,
+            text=info.text,
+            logprob=info.logprob if info.HasField("logprob") else None,
+            top_tokens=tuple(TopToken(t.id, t.text, t.logprob) for t in info.top_tokens),
+        )
+
+
+def _tokens(infos: Sequence[pb.TokenInfo]) -> tuple[Token, ...]:
+    return tuple(Token.from_proto(i) for i in infos)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A whole completion (from generate)."""
+
+    text: str
+    stop_reason: StopReason
+    input_token_count: int
+    generated_token_count: int
+    request_id: str
+    seed: int | None = None
+    stop_sequence: str = ""
+    tokens: tuple[Token, ...] = ()
+    input_tokens: tuple[Token, ...] = ()
+
+    @classmethod
+    def from_proto(cls, r: pb.GenerateResponse) -> Generation:
+        return cls(
+            text=r.text,
+            stop_reason=StopReason.from_proto(r.stop_reason),
+            input_token_count=r.input_token_count,
+            generated_token_count=r.generated_token_count,
+            request_id=r.request_id,
+            seed=r.seed if r.HasField("seed") else None,
+            stop_sequence=r.stop_sequence,
+            tokens=_tokens(r.tokens),
+            input_tokens=_tokens(r.input_tokens),
+        )
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One streamed step: the new text, the counts so far, and on the last chunk the stop reason."""
+
+    text: str
+    input_token_count: int
+    generated_token_count: int
+    request_id: str
+    stop_reason: StopReason | None = None
+    seed: int | None = None
+    stop_sequence: str = ""
+    tokens: tuple[Token, ...] = ()
+    input_tokens: tuple[Token, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        return self.stop_reason is not None
+
+    @classmethod
+    def from_proto(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
+        return cls(
+            text=r.text,
+            input_token_count=r.input_token_count,
+            generated_token_count=r.generated_token_count,
+            request_id=r.request_id,
+            stop_reason=StopReason.from_proto(r.stop_reason) if r.stop_reason else None,
+            seed=r.seed if r.HasField("seed") else None,
+            stop_sequence=r.stop_sequence,
+            tokens=_tokens(r.tokens),
+            input_tokens=_tokens(r.input_tokens),
+        )
+
+
+@dataclass(frozen=True)
+class Source:
+    """A passage the answer was given."""
+
+    document_id: str
+    title: str
+    passage: str
+    score: float
+    rank: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RagAnswer:
+    text: str
+    sources: tuple[Source, ...]
+    stop_reason: StopReason
+    input_token_count: int
+    generated_token_count: int
+    request_id: str
+    seed: int | None = None
+
+    @classmethod
+    def from_proto(cls, r: pb.RagQueryResponse) -> RagAnswer:
+        return cls(
+            text=r.text,
+            sources=tuple(
+                Source(s.document_id, s.title, s.passage, s.score, s.rank, dict(s.metadata)) for s in r.sources
+            ),
+            stop_reason=StopReason.from_proto(r.stop_reason),
+            input_token_count=r.input_token_count,
+            generated_token_count=r.generated_token_count,
+            request_id=r.request_id,
+            seed=r.seed if r.HasField("seed") else None,
+        )
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    token_count: int
+    tokens: tuple[Token, ...] = ()
+
+    @classmethod
+    def from_proto(cls, r: pb.TokenizeResponse) -> Tokenization:
+        return cls(token_count=r.token_count, tokens=_tokens(r.tokens))
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    id: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    source: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server serves; `limits` and `stats` are the contract's ServerLimits and ServerStats as dicts."""
+
+    model_name: str
+    model_source: str
+    architecture: str
+    dtype: str
+    device: str
+    quantization: str
+    max_sequence_length: int
+    vocab_size: int
+    adapters: tuple[AdapterInfo, ...]
+    server_version: str
+    prompt_format: str
+    limits: dict[str, int]
+    stats: dict[str, float]
+
+    @classmethod
+    def from_proto(cls, r: pb.ModelInfoResponse) -> ModelInfo:
+        return cls(
+            model_name=r.model_name,
+            model_source=r.model_source,
+            architecture=r.architecture,
+            dtype=r.dtype,
+            device=r.device,
+            quantization=r.quantization,
+            max_sequence_length=r.max_sequence_length,
+            vocab_size=r.vocab_size,
+            adapters=tuple(AdapterInfo(a.id, a.rank, a.alpha, tuple(a.target_modules), a.source) for a in r.adapters),
+            server_version=r.server_version,
+            prompt_format=r.prompt_format,
+            limits={f.name: getattr(r.limits, f.name) for f in r.limits.DESCRIPTOR.fields},
+            stats={f.name: getattr(r.stats, f.name) for f in r.stats.DESCRIPTOR.fields},
+        )

@@ -1,0 +1,103 @@
+"""The `loraserve` command. The server side (torch, transformers) is imported only by `serve`, so the client commands
+start fast and run where torch is not installed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from loraserve import __version__
+from loraserve.client import commands as client_commands
+from loraserve.client.types import LoraserveRpcError
+from loraserve.config import ClientConfig, EngineConfig, ModelConfig, ServerConfig, add_options, from_namespace
+from loraserve.errors import ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loraserve.logs import configure_logging
+
+    server_config = from_namespace(ServerConfig, args)
+    model_config = from_namespace(ModelConfig, args)
+    engine_config = from_namespace(EngineConfig, args)
+    configure_logging(server_config.log_level, server_config.log_format)
+    from loraserve.server.app import serve
+
+    return serve(model_config, engine_config, server_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraserve",
+        description="Serve LoRA-adapted LLaMA-family models over gRPC, and talk to a running server.",
+        epilog="Every option of a section can also be set by its LORASERVE_* environment variable; a flag wins.",
+    )
+    parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC server", description="Run the gRPC inference server.")
+    for config_cls in (ModelConfig, EngineConfig, ServerConfig):
+        add_options(serve, config_cls)
+    serve.set_defaults(handler=_serve)
+
+    def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        add_options(sub, ClientConfig)
+        sub.set_defaults(handler=getattr(client_commands, name))
+        return sub
+
+    generate = client_parser("generate", "generate a completion for one prompt")
+    generate.add_argument("prompt", help="the prompt; sent as a user message unless --raw")
+    generate.add_argument("--raw", action="store_true", help="send the prompt as raw text, not as a chat message")
+    generate.add_argument("--system", help="a system message before the prompt")
+    generate.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    generate.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    client_commands.add_generation_flags(generate)
+
+    chat = client_parser("chat", "chat interactively, streaming the answers")
+    chat.add_argument("--system", help="a system message that starts the conversation")
+    client_commands.add_generation_flags(chat)
+
+    rag = client_parser("rag", "answer a question from documents")
+    rag.add_argument("query", help="the question")
+    rag.add_argument("--document", action="append", required=True, metavar="FILE", help="a text file (repeatable)")
+    rag.add_argument("--top-k-passages", type=int, help="passages to give the model (default: the server's)")
+    rag.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    client_commands.add_generation_flags(rag)
+
+    info = client_parser("info", "describe the served model, adapters, limits and live stats")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    tokenize = client_parser("tokenize", "count the tokens of a text")
+    tokenize.add_argument("text", help="the text")
+    tokenize.add_argument("--tokens", action="store_true", help="also list the tokens")
+
+    health = client_parser("health", "check health; exit 0 only when SERVING (for container health checks)")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument(
+        "--check-timeout",
+        dest="health_timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for an answer (default: 5)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"loraserve {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except LoraserveRpcError as error:
+        print(f"loraserve {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

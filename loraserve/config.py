@@ -1,0 +1,224 @@
+"""Configuration: frozen dataclasses, each field one command-line flag and one LORASERVE_* environment variable.
+
+Precedence, stated once: a flag beats its environment variable, which beats the dataclass default. For a request,
+a request field beats the server's configured default (see EngineConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, TypeVar
+
+from loraserve.errors import ConfigError
+from loraserve.prompting import PROMPT_FORMATS
+
+ENV_PREFIX = "LORASERVE_"
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option; `help` is what --help prints."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+
+
+def flag_name(f: Field[Any]) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def env_name(f: Field[Any]) -> str:
+    return ENV_PREFIX + f.name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _converter(default: Any) -> Callable[[str], Any]:
+    """How a flag's or environment variable's text becomes the field's type, inferred from its default."""
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, tuple):
+        return str
+    return type(default)
+
+
+def _env_value(f: Field[Any]) -> Any:
+    """The field's value from its environment variable, or MISSING. Tuples are comma-separated."""
+    raw = os.environ.get(env_name(f))
+    if raw is None:
+        return MISSING
+    convert = _converter(f.default)
+    try:
+        if isinstance(f.default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return convert(raw)
+    except ValueError as error:
+        raise ConfigError(f"{env_name(f)}={raw!r}: {error}") from None
+
+
+def add_options(parser: argparse.ArgumentParser, config_cls: type[Any]) -> None:
+    """Add one flag per field of config_cls. Defaults stay None here so that a flag given can be told from one not."""
+    title = config_cls.__name__.removesuffix("Config").lower() + " options"
+    group = parser.add_argument_group(title, (config_cls.__doc__ or "").strip().splitlines()[0])
+    for f in fields(config_cls):
+        meta = f.metadata
+        shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        help_text = f"{meta['help']} [env {env_name(f)}; default: {shown if shown != '' else 'none'}]"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text, "metavar": meta.get("metavar")}
+        if isinstance(f.default, bool):
+            group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if isinstance(f.default, tuple):
+            kwargs["action"] = "append"
+        else:
+            kwargs["type"] = _converter(f.default)
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        group.add_argument(flag_name(f), **kwargs)
+
+
+def from_namespace(config_cls: type[T], namespace: argparse.Namespace) -> T:
+    """Build config_cls from parsed flags, then environment variables, then defaults."""
+    values: dict[str, Any] = {}
+    for f in fields(config_cls):  # type: ignore[arg-type]
+        given = getattr(namespace, f.name, None)
+        if given is not None:
+            values[f.name] = tuple(given) if isinstance(f.default, tuple) else given
+            continue
+        from_env = _env_value(f)
+        if from_env is not MISSING:
+            choices = f.metadata.get("choices")
+            if choices and from_env not in choices:
+                raise ConfigError(f"{env_name(f)}={from_env!r}: choose one of {', '.join(choices)}")
+            values[f.name] = from_env
+    return config_cls(**values)
+
+
+def from_env(config_cls: type[T]) -> T:
+    """Build config_cls from environment variables and defaults only (for code that has no command line)."""
+    return from_namespace(config_cls, argparse.Namespace())
+
+
+def _require(condition: bool, flag: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"--{flag.replace('_', '-')} {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to serve and how to load it."""
+
+    model: str = option(
+        "default",
+        "Model to serve: 'default' (the bundled SmolLM2-135M-Instruct), a local Hugging Face folder with "
+        "safetensors weights, or a .gguf file. GGUF files are converted once to a cached safetensors folder.",
+        metavar="SOURCE",
+    )
+    model_cache: str = option(
+        "~/.cache/loraserve/models", "Folder for models converted from GGUF (reused on later starts).", metavar="DIR"
+    )
+    adapter: tuple[str, ...] = option(
+        (),
+        "A PEFT LoRA adapter to load at start, as NAME=PATH; requests select it with adapter_id=NAME. Repeatable; "
+        "the environment variable takes a comma-separated list.",
+        metavar="NAME=PATH",
+    )
+    device: str = option("auto", "Where the model runs; auto picks cuda when present.", choices=("auto", "cpu", "cuda"))
+    dtype: str = option(
+        "auto",
+        "Weight dtype; auto is float32 on CPU and bfloat16 (or float16) on CUDA.",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    )
+    quantize: str = option(
+        "none", "Load weights in 4 or 8 bits with bitsandbytes (CUDA only).", choices=("none", "4bit", "8bit")
+    )
+    prompt_format: str = option(
+        "auto",
+        "How chat messages become model text: the tokenizer's chat template, or the prototype's "
+        "'### Human: / ### Assistant:' format; auto uses the chat template when the tokenizer has one.",
+        choices=PROMPT_FORMATS,
+    )
+    max_sequence_length: int = option(
+        0, "Cap on prompt plus output tokens per request; 0 uses the model's own context length.", metavar="TOKENS"
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.max_sequence_length >= 0, "max_sequence_length", f"must be >= 0, got {self.max_sequence_length}")
+        for spec in self.adapter:
+            _require("=" in spec, "adapter", f"takes NAME=PATH, got {spec!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How requests are queued, batched and bounded."""
+
+    max_batch_size: int = option(32, "Most requests decoded together in one batch.", metavar="N")
+    max_queued_requests: int = option(
+        128, "Most requests waiting for a batch slot; beyond it requests get RESOURCE_EXHAUSTED.", metavar="N"
+    )
+    max_prefill_tokens: int = option(
+        2048,
+        "Most prompt tokens prefilled between two decode steps, so new prompts never stall running streams for long.",
+        metavar="TOKENS",
+    )
+    default_max_new_tokens: int = option(256, "max_new_tokens for requests that leave it unset.", metavar="N")
+    max_new_tokens: int = option(2048, "Largest max_new_tokens a request may ask for.", metavar="N")
+    max_stop_sequences: int = option(8, "Most stop sequences per request.", metavar="N")
+    max_stop_sequence_length: int = option(256, "Longest stop sequence, in characters.", metavar="CHARS")
+    max_top_n: int = option(20, "Largest number of top alternatives per token a request may ask for.", metavar="N")
+    max_rag_documents: int = option(100, "Most documents in one RagQuery.", metavar="N")
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_prefill_tokens", "default_max_new_tokens", "max_new_tokens"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queued_requests", "max_stop_sequences", "max_stop_sequence_length", "max_top_n"):
+            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _require(self.max_rag_documents >= 1, "max_rag_documents", f"must be >= 1, got {self.max_rag_documents}")
+        _require(
+            self.default_max_new_tokens <= self.max_new_tokens,
+            "default_max_new_tokens",
+            f"({self.default_max_new_tokens}) must not exceed --max-new-tokens ({self.max_new_tokens})",
+        )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the gRPC server listens."""
+
+    host: str = option("0.0.0.0", "Address to bind; 0.0.0.0 listens on every interface.", metavar="ADDR")
+    port: int = option(50051, "gRPC port; 0 picks a free one (printed in the log).", metavar="PORT")
+    grpc_workers: int = option(
+        0,
+        "Threads serving RPCs; 0 sizes the pool to max batch + max queued + 16, so every admitted request has a "
+        "thread and health checks always get one.",
+        metavar="N",
+    )
+    grace_period: float = option(
+        30.0, "Seconds in-flight requests get to finish after SIGTERM before they are cancelled.", metavar="SECONDS"
+    )
+    log_level: str = option("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    log_format: str = option("json", "Log format: one JSON object per line, or plain text.", choices=("json", "text"))
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
+        _require(self.grpc_workers >= 0, "grpc_workers", f"must be >= 0, got {self.grpc_workers}")
+        _require(self.grace_period >= 0, "grace_period", f"must be >= 0, got {self.grace_period}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Which server the client commands talk to."""
+
+    target: str = option("localhost:50051", "The server's host:port.", metavar="HOST:PORT")
+    timeout: float = option(120.0, "Deadline of each call, in seconds.", metavar="SECONDS")
+
+    def __post_init__(self) -> None:
+        _require(self.timeout > 0, "timeout", f"must be > 0, got {self.timeout}")

@@ -1,0 +1,1 @@
+"""The gRPC side of loraserve: servicer, engine and model runner."""

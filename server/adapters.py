@@ -1,0 +1,70 @@
+"""LoRA adapters: the id rules, the registry of loaded adapters, and what ModelInfo reports about each."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from loraserve.errors import AdapterNotFound, ConfigError, InvalidRequest
+
+# Ids are names, never paths: no separators, no "..", so an id can never reach outside an adapter root.
+ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def is_valid_adapter_id(adapter_id: str) -> bool:
+    return bool(ADAPTER_ID_PATTERN.fullmatch(adapter_id)) and ".." not in adapter_id
+
+
+def adapter_id_rule() -> str:
+    return "1-64 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit, without '..'"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter to load at start: NAME=PATH."""
+
+    id: str
+    path: str
+
+    @classmethod
+    def parse(cls, spec: str) -> AdapterSpec:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--adapter takes NAME=PATH, got {spec!r}")
+        if not is_valid_adapter_id(name):
+            raise ConfigError(f"--adapter {spec!r}: the name must be {adapter_id_rule()}")
+        return cls(id=name, path=path)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A loaded adapter, as ModelInfo reports it."""
+
+    id: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    source: str
+
+
+class AdapterRegistry:
+    """The adapters resident in the model; resolves a request's adapter_id."""
+
+    def __init__(self, adapters: list[AdapterInfo]) -> None:
+        self._adapters = {a.id: a for a in adapters}
+
+    def resolve(self, adapter_id: str) -> str:
+        """The adapter to use ("" for the base model); raises for a malformed or unknown id."""
+        if not adapter_id:
+            return ""
+        if not is_valid_adapter_id(adapter_id):
+            raise InvalidRequest(f"{adapter_id!r} is not a valid adapter id: use {adapter_id_rule()}", "adapter_id")
+        if adapter_id not in self._adapters:
+            raise AdapterNotFound(adapter_id, list(self._adapters))
+        return adapter_id
+
+    def infos(self) -> list[AdapterInfo]:
+        return list(self._adapters.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._adapters)

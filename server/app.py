@@ -1,0 +1,143 @@
+"""Building, starting and stopping the gRPC server: InferenceService, grpc.health.v1 health, server reflection, and
+the signal handling of `loraserve serve`.
+
+Health tells the truth: NOT_SERVING while the model loads, SERVING once it is loaded and warmed up, NOT_SERVING again
+while draining or when the engine dies. Both the overall service ("") and loraserve.v1.InferenceService report it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from loraserve.server.servicer import InferenceServicer
+
+from loraserve.config import EngineConfig, ModelConfig, ServerConfig
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+# Leave room above the engine's capacity so health checks and ModelInfo always find a free thread.
+SPARE_RPC_THREADS = 16
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SIGNAL_POLL_S = 0.2
+
+
+class LoraServer:
+    """The gRPC server and the engine behind it. start() listens at once (health NOT_SERVING); load() brings the
+    model up (SERVING); drain() and stop() take it down."""
+
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, server_config: ServerConfig) -> None:
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.server_config = server_config
+        self.servicer = InferenceServicer()
+        self.health = health.HealthServicer()
+        self.engine = None
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+
+    def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING until load()); return the bound port."""
+        workers = self.server_config.grpc_workers or (
+            self.engine_config.max_batch_size + self.engine_config.max_queued_requests + SPARE_RPC_THREADS
+        )
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraserve-rpc"),
+            maximum_concurrent_rpcs=workers,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{self.server_config.host}:{self.server_config.port}"
+        self.port = server.add_insecure_port(address)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        server.start()
+        self._server = server
+        logger.info("listening", extra={"address": address, "port": self.port, "rpc_threads": workers})
+        return self.port
+
+    def load(self) -> None:
+        """Load and warm up the model, then report SERVING."""
+        from loraserve.server.engine import Engine
+        from loraserve.server.loading import load_model
+
+        loaded = load_model(self.model_config)
+        engine = Engine(loaded, self.engine_config, on_failure=self._engine_failed)
+        engine.start()
+        self.engine = engine
+        self.servicer.attach(engine)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "serving", extra={"model": loaded.description.name, "adapters": [a.id for a in loaded.adapters.infos()]}
+        )
+
+    def drain(self) -> None:
+        """Report NOT_SERVING and refuse new requests (UNAVAILABLE); requests in flight go on."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.engine is not None:
+            self.engine.drain()
+        logger.info("draining")
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to timeout for in-flight requests to finish; True when none is left."""
+        return self.engine is None or self.engine.wait_idle(timeout)
+
+    def stop(self) -> None:
+        """Stop the engine (what is left ends as CANCELLED) and the server."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.engine is not None:
+            self.engine.stop()
+        if self._server is not None:
+            self._server.stop(grace=1.0).wait()
+        logger.info("stopped")
+
+    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in HEALTH_SERVICES:
+            self.health.set(service, status)
+
+    def _engine_failed(self, error: BaseException) -> None:
+        logger.critical("reporting NOT_SERVING: the engine died", extra={"error": repr(error)})
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def serve(model_config: ModelConfig, engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT; then drain for the grace period and exit 0. A second signal ends the drain at
+    once (what is left ends as CANCELLED)."""
+    signals: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signals.append(signal.Signals(signum).name)
+        logger.info("signal received", extra={"signal": signals[-1]})
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = LoraServer(model_config, engine_config, server_config)
+    server.start()
+    try:
+        server.load()
+        while not signals:
+            time.sleep(SIGNAL_POLL_S)
+        server.drain()
+        end = time.monotonic() + server_config.grace_period
+        while len(signals) < 2 and time.monotonic() < end:
+            if server.wait_idle(min(SIGNAL_POLL_S, max(end - time.monotonic(), 0))):
+                break
+    finally:
+        server.stop()
+    return 0

@@ -1,0 +1,249 @@
+"""Protobuf <-> domain conversion. Pure functions: no engine, no I/O; the domain types validate themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from loraserve.server.adapters import AdapterInfo
+from loraserve.server.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail
+from loraserve.server.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
+from loraserve.server.rag import DEFAULT_TOP_K, Document, RagAnswer, RagQuery
+
+from loraserve.config import EngineConfig
+from loraserve.errors import InvalidRequest
+from loraserve.prompting import Message, validate_messages
+from loraserve.v1 import inference_pb2 as pb
+
+if TYPE_CHECKING:  # both modules import torch, which the gRPC side never loads itself
+    from loraserve.server.engine import EngineStats
+    from loraserve.server.loading import ModelDescription
+
+_STOP_REASONS = {
+    StopReason.MAX_TOKENS: pb.STOP_REASON_MAX_TOKENS,
+    StopReason.EOS_TOKEN: pb.STOP_REASON_EOS_TOKEN,
+    StopReason.STOP_SEQUENCE: pb.STOP_REASON_STOP_SEQUENCE,
+    StopReason.TIME_LIMIT: pb.STOP_REASON_TIME_LIMIT,
+    StopReason.CANCELLED: pb.STOP_REASON_CANCELLED,
+    StopReason.TOKEN_LIMIT: pb.STOP_REASON_TOKEN_LIMIT,
+}
+
+
+class _GenerateLike(Protocol):
+    """GenerateRequest and GenerateStreamRequest have the same fields."""
+
+    prompt: str
+    messages: Any
+    adapter_id: str
+    sampling: pb.SamplingParams
+    stopping: pb.StoppingCriteria
+    response: pb.ResponseOptions
+    truncate_input_tokens: int
+
+    def HasField(self, name: str) -> bool: ...
+
+
+def _optional(message: Any, name: str, default: Any) -> Any:
+    """A proto3 `optional` field's value, or default when it is unset."""
+    return getattr(message, name) if message.HasField(name) else default
+
+
+def messages(items: Iterable[pb.Message]) -> tuple[Message, ...]:
+    return tuple(Message(role=m.role, content=m.content) for m in items)
+
+
+def sampling_params(message: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=_optional(message, "temperature", 0.0),
+        top_k=_optional(message, "top_k", 0),
+        top_p=_optional(message, "top_p", 1.0),
+        seed=_optional(message, "seed", None),
+        repetition_penalty=_optional(message, "repetition_penalty", 1.0),
+    )
+
+
+def stopping_params(message: pb.StoppingCriteria) -> StoppingParams:
+    return StoppingParams(
+        max_new_tokens=_optional(message, "max_new_tokens", None),
+        min_new_tokens=_optional(message, "min_new_tokens", 0),
+        stop_sequences=tuple(message.stop_sequences),
+        include_stop_sequence=_optional(message, "include_stop_sequence", False),
+        time_limit_ms=_optional(message, "time_limit_ms", None),
+    )
+
+
+def output_options(message: pb.ResponseOptions) -> OutputOptions:
+    return OutputOptions(
+        token_ids=_optional(message, "token_ids", False),
+        logprobs=_optional(message, "logprobs", False),
+        top_n=_optional(message, "top_n", 0),
+        input_tokens=_optional(message, "input_tokens", False),
+    )
+
+
+def generation_request(message: _GenerateLike, request_id: str, deadline: float | None) -> GenerationRequest:
+    """A GenerateRequest or GenerateStreamRequest as the engine's request."""
+    return GenerationRequest(
+        prompt=message.prompt,
+        messages=messages(message.messages),
+        adapter_id=message.adapter_id,
+        sampling=sampling_params(message.sampling),
+        stopping=stopping_params(message.stopping),
+        output=output_options(message.response),
+        truncate_input_tokens=_optional(message, "truncate_input_tokens", 0),
+        request_id=request_id,
+        deadline=deadline,
+    )
+
+
+def rag_query(message: pb.RagQueryRequest, request_id: str, deadline: float | None, max_documents: int) -> RagQuery:
+    if len(message.documents) > max_documents:
+        raise InvalidRequest(
+            f"at most {max_documents} documents are allowed, got {len(message.documents)}", "documents"
+        )
+    documents = tuple(
+        Document(id=d.id, text=d.text, title=d.title, metadata=dict(d.metadata)) for d in message.documents
+    )
+    return RagQuery(
+        query=message.query,
+        documents=documents,
+        top_k=_optional(message, "top_k", DEFAULT_TOP_K),
+        adapter_id=message.adapter_id,
+        sampling=sampling_params(message.sampling),
+        stopping=stopping_params(message.stopping),
+        request_id=request_id,
+        deadline=deadline,
+    )
+
+
+def tokenize_request(message: pb.TokenizeRequest) -> tuple[str, tuple[Message, ...], bool]:
+    """(text, messages, return_tokens), with exactly one of text and messages."""
+    chat = messages(message.messages)
+    if message.text and chat:
+        raise InvalidRequest("give exactly one of text and messages, not both", "text")
+    if not message.text and not chat:
+        raise InvalidRequest("must not be empty (or give messages instead)", "text")
+    if chat:
+        validate_messages(chat)
+    return message.text, chat, _optional(message, "return_tokens", False)
+
+
+def stop_reason(reason: StopReason | None) -> pb.StopReason.ValueType:
+    return _STOP_REASONS[reason] if reason is not None else pb.STOP_REASON_UNSPECIFIED
+
+
+def token_info(detail: TokenDetail) -> pb.TokenInfo:
+    info = pb.TokenInfo(id=detail.id, text=detail.text)
+    if detail.logprob is not None:
+        info.logprob = detail.logprob
+    info.top_tokens.extend(pb.TopToken(id=t.id, text=t.text, logprob=t.logprob) for t in detail.top_tokens)
+    return info
+
+
+def generate_response(result: GenerationResult) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(
+        text=result.text,
+        stop_reason=stop_reason(result.stop_reason),
+        input_token_count=result.input_token_count,
+        generated_token_count=result.generated_token_count,
+        request_id=result.request_id,
+        stop_sequence=result.stop_sequence,
+        tokens=[token_info(t) for t in result.tokens],
+        input_tokens=[token_info(t) for t in result.input_tokens],
+    )
+    if result.seed is not None:
+        response.seed = result.seed
+    return response
+
+
+def stream_response(chunk: GenerationChunk) -> pb.GenerateStreamResponse:
+    response = pb.GenerateStreamResponse(
+        text=chunk.text,
+        stop_reason=stop_reason(chunk.stop_reason),
+        input_token_count=chunk.input_token_count,
+        generated_token_count=chunk.generated_token_count,
+        request_id=chunk.request_id,
+        stop_sequence=chunk.stop_sequence,
+        tokens=[token_info(t) for t in chunk.tokens],
+        input_tokens=[token_info(t) for t in chunk.input_tokens],
+    )
+    if chunk.seed is not None:
+        response.seed = chunk.seed
+    return response
+
+
+def rag_response(answer: RagAnswer) -> pb.RagQueryResponse:
+    response = pb.RagQueryResponse(
+        text=answer.text,
+        request_id=answer.request_id,
+        sources=[
+            pb.Source(
+                document_id=s.passage.document.id,
+                title=s.passage.document.title,
+                passage=s.passage.text,
+                score=s.score,
+                rank=s.rank,
+                metadata=dict(s.passage.document.metadata),
+            )
+            for s in answer.sources
+        ],
+    )
+    result = answer.result
+    if result is not None:
+        response.stop_reason = stop_reason(result.stop_reason)
+        response.input_token_count = result.input_token_count
+        response.generated_token_count = result.generated_token_count
+        if result.seed is not None:
+            response.seed = result.seed
+    return response
+
+
+def server_limits(config: EngineConfig) -> pb.ServerLimits:
+    return pb.ServerLimits(
+        max_new_tokens=config.max_new_tokens,
+        default_max_new_tokens=config.default_max_new_tokens,
+        max_stop_sequences=config.max_stop_sequences,
+        max_stop_sequence_length=config.max_stop_sequence_length,
+        max_batch_size=config.max_batch_size,
+        max_queued_requests=config.max_queued_requests,
+        max_top_n=config.max_top_n,
+        max_rag_documents=config.max_rag_documents,
+    )
+
+
+def tokenize_response(count: int, details: tuple[TokenDetail, ...]) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(token_count=count, tokens=[token_info(t) for t in details])
+
+
+def model_info_response(
+    description: ModelDescription,
+    adapters: list[AdapterInfo],
+    config: EngineConfig,
+    stats: EngineStats,
+    prompt_format: str,
+    version: str,
+) -> pb.ModelInfoResponse:
+    return pb.ModelInfoResponse(
+        model_name=description.name,
+        model_source=description.source,
+        architecture=description.architecture,
+        dtype=description.dtype,
+        device=description.device,
+        quantization=description.quantization,
+        max_sequence_length=description.max_sequence_length,
+        vocab_size=description.vocab_size,
+        adapters=[
+            pb.AdapterInfo(id=a.id, rank=a.rank, alpha=a.alpha, target_modules=list(a.target_modules), source=a.source)
+            for a in adapters
+        ],
+        server_version=version,
+        limits=server_limits(config),
+        stats=pb.ServerStats(
+            active_requests=stats.active_requests,
+            queued_requests=stats.queued_requests,
+            generated_tokens=stats.generated_tokens,
+            completed_requests=stats.completed_requests,
+            uptime_seconds=stats.uptime_seconds,
+        ),
+        prompt_format=prompt_format,
+    )

@@ -1,0 +1,163 @@
+"""One request inside the engine: its prompt and generated tokens, the text so far, why and when it stops, and the
+stream its chunks go to."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from loraserve.server.detokenizer import IncrementalDetokenizer
+from loraserve.server.outputs import GenerationChunk, StopReason, TokenDetail, TopToken
+from loraserve.server.params import GenerationRequest
+from loraserve.server.request_stream import RequestStream
+from loraserve.server.sampling import RowSampler, RowStep
+from loraserve.server.stopping import StopMatch, StopSequenceMatcher
+from loraserve.server.tokenization import Tokenization
+
+
+@dataclass(frozen=True)
+class SequenceContext:
+    """What every sequence of one engine shares."""
+
+    tokenization: Tokenization
+    eos_token_ids: frozenset[int]
+    max_sequence_length: int
+    device: torch.device
+
+
+class Sequence:
+    """A request being generated. Only the engine thread calls its methods, except `cancel`."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        stream: RequestStream,
+        context: SequenceContext,
+    ) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self.stream = stream
+        self.context = context
+        self.generated: list[int] = []
+        self.sampler = RowSampler.create(request.sampling, context.device)
+        self.arrival = time.monotonic()
+        limit_ms = request.stopping.time_limit_ms
+        self.time_limit_at = self.arrival + limit_ms / 1000 if limit_ms else None
+        self.first_token_at: float | None = None
+        self.cancelled = False
+        self.finished = False
+        self.stop_reason: StopReason | None = None
+        self._detokenizer = IncrementalDetokenizer(context.tokenization.decode, prompt_ids)
+        self._stops = StopSequenceMatcher(request.stopping.stop_sequences, request.stopping.include_stop_sequence)
+        self._text = ""
+        self._emitted = 0  # characters of _text already sent
+        self._input_tokens_pending = request.output.input_tokens
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+    def cancel(self) -> None:
+        """Ask for the request to end (any thread); the engine acts on it before its next step."""
+        self.cancelled = True
+
+    def step_inputs(self) -> RowStep:
+        """What sampling needs for this row at this step."""
+        params = self.request.sampling
+        below_min = len(self.generated) < self.request.stopping.min_new_tokens
+        output = self.request.output
+        return RowStep(
+            sampler=self.sampler,
+            history=self.prompt_ids + self.generated if params.repetition_penalty != 1.0 else (),
+            suppressed_ids=tuple(self.context.eos_token_ids) if below_min else (),
+            logprobs=output.logprobs,
+            top_n=output.top_n,
+        )
+
+    def expiry(self, now: float) -> StopReason | None:
+        """Why the request must end before the next step, if it must: cancelled, past its deadline or time limit."""
+        deadline = self.request.deadline
+        if self.cancelled or (deadline is not None and now >= deadline):
+            return StopReason.CANCELLED
+        if self.time_limit_at is not None and now >= self.time_limit_at:
+            return StopReason.TIME_LIMIT
+        return None
+
+    def append(self, token_id: int, logprob: float | None, top: list[tuple[int, float]]) -> None:
+        """Take the token sampled for this request; emit its chunk, the last one when the request is done."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.generated.append(token_id)
+        details = self._token_details(token_id, logprob, top)
+        stoppable = len(self.generated) >= self.request.stopping.min_new_tokens
+        if token_id in self.context.eos_token_ids and stoppable:
+            self.finish(StopReason.EOS_TOKEN, details)
+            return
+        new_from = len(self._text)
+        self._text += self._detokenizer.push(token_id)
+        match = self._stops.find(self._text, new_from) if stoppable else None
+        if match is not None:
+            self.finish(StopReason.STOP_SEQUENCE, details, match)
+        elif len(self.generated) >= self.max_new_tokens:
+            self.finish(StopReason.MAX_TOKENS, details)
+        elif len(self.prompt_ids) + len(self.generated) >= self.context.max_sequence_length:
+            self.finish(StopReason.TOKEN_LIMIT, details)
+        else:
+            # Hold back a tail that could be the start of a stop sequence, so streamed text is never taken back.
+            safe_end = max(self._emitted, len(self._text) - self._stops.holdback)
+            self._emit(self._text[self._emitted : safe_end], details)
+            self._emitted = safe_end
+
+    def finish(self, reason: StopReason, details: tuple[TokenDetail, ...] = (), match: StopMatch | None = None) -> None:
+        """End the request: send the rest of its text and the stop reason."""
+        if match is None and reason is not StopReason.EOS_TOKEN:
+            self._text += self._detokenizer.flush()
+        end = match.end if match is not None else len(self._text)
+        self.finished = True
+        self.stop_reason = reason
+        self._emit(self._text[self._emitted : end], details, reason, match.sequence if match else "")
+        self._emitted = end
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with an error instead of a result."""
+        self.finished = True
+        self.stream.put(error)
+
+    @property
+    def text(self) -> str:
+        return self._text[: self._emitted]
+
+    def _token_details(
+        self, token_id: int, logprob: float | None, top: list[tuple[int, float]]
+    ) -> tuple[TokenDetail, ...]:
+        if not self.request.output.token_details:
+            return ()
+        texts = self.context.tokenization.token_texts([token_id, *(i for i, _ in top)])
+        top_tokens = tuple(TopToken(id=i, text=t, logprob=lp) for (i, lp), t in zip(top, texts[1:], strict=True))
+        return (TokenDetail(id=token_id, text=texts[0], logprob=logprob, top_tokens=top_tokens),)
+
+    def _emit(
+        self, text: str, tokens: tuple[TokenDetail, ...], reason: StopReason | None = None, stop_sequence: str = ""
+    ) -> None:
+        input_tokens: tuple[TokenDetail, ...] = ()
+        if self._input_tokens_pending:
+            input_tokens = self.context.tokenization.details(self.prompt_ids)
+            self._input_tokens_pending = False
+        self.stream.put(
+            GenerationChunk(
+                request_id=self.request_id,
+                text=text,
+                input_token_count=len(self.prompt_ids),
+                generated_token_count=len(self.generated),
+                tokens=tokens,
+                seed=self.sampler.seed,
+                stop_reason=reason,
+                stop_sequence=stop_sequence,
+                input_tokens=input_tokens,
+            )
+        )

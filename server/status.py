@@ -1,0 +1,91 @@
+"""Errors to gRPC status codes: one table, one decorator. Every RPC gets a request id (sent as x-request-id), and
+every failure a precise status with a message a person can act on; never UNKNOWN, never a stack trace."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from loraserve.errors import AdapterNotFound, InvalidRequest, LoraserveError, QueueFull, Unavailable
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+CORRELATION_ID_HEADER = "x-correlation-id"
+
+STATUS_BY_ERROR: dict[type[LoraserveError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    AdapterNotFound: grpc.StatusCode.NOT_FOUND,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(error: BaseException) -> grpc.StatusCode | None:
+    """The status code for a domain error; None for anything unexpected."""
+    for error_type, code in STATUS_BY_ERROR.items():
+        if isinstance(error, error_type):
+            return code
+    return None
+
+
+def start_request(context: grpc.ServicerContext, rpc: str) -> str:
+    """Give the call a request id, send it to the client, and log it next to the client's correlation id."""
+    request_id = uuid.uuid4().hex
+    context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+    metadata = dict(context.invocation_metadata() or ())
+    logger.info(
+        "request received",
+        extra={
+            "rpc": rpc,
+            "request_id": request_id,
+            "correlation_id": metadata.get(CORRELATION_ID_HEADER),
+            "peer": context.peer(),
+        },
+    )
+    return request_id
+
+
+def abort(context: grpc.ServicerContext, error: Exception, request_id: str, rpc: str) -> None:
+    """End the call with the error's status. Unexpected errors are logged with their traceback and reported as
+    INTERNAL with the request id only."""
+    code = status_for(error)
+    fields = {"rpc": rpc, "request_id": request_id}
+    if code is None:
+        logger.error("unexpected error", exc_info=error, extra=fields)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}; the server log has details)")
+    else:
+        logger.info("request refused", extra={**fields, "status": code.name, "reason": str(error)})
+        context.abort(code, str(error))
+
+
+def rpc_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a servicer method `(self, request, context, request_id)` as a gRPC handler `(self, request, context)`."""
+    rpc = method.__name__
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            request_id = start_request(context, rpc)
+            try:
+                yield from method(self, request, context, request_id)
+            except Exception as error:
+                abort(context, error, request_id, rpc)
+
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        request_id = start_request(context, rpc)
+        try:
+            return method(self, request, context, request_id)
+        except Exception as error:
+            abort(context, error, request_id, rpc)
+
+    return unary

@@ -1,0 +1,157 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama built from a config, LoRA adapters for it, and
+in-process servers on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from loraserve.client import Client
+from loraserve.config import EngineConfig, ModelConfig, ServerConfig
+
+TINY_ADAPTERS = {"alpha": 4, "beta": 8}  # id -> rank: adapters of different ranks coexist
+
+
+def default_model_cache() -> Path:
+    return Path(os.environ.get("LORASERVE_MODEL_CACHE", "~/.cache/loraserve/models")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's real tokenizer (SmolLM2, with its chat template), saved as a plain folder."""
+    from transformers import AutoTokenizer
+
+    from loraserve.server.loading import default_gguf_path
+
+    gguf = default_gguf_path()
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def tiny_llama_config(vocab_size: int):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, saved as safetensors."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, out / item.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """LoRA adapters for the tiny model (q/v projections), with random non-zero B so they change the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    dirs = {}
+    for seed, (name, rank) in enumerate(TINY_ADAPTERS.items(), start=1):
+        torch.manual_seed(seed)
+        base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+        config = LoraConfig(r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(base, config)
+        out = tmp_path_factory.mktemp(f"adapter-{name}")
+        peft_model.save_pretrained(out)
+        dirs[name] = out
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> ModelConfig:
+    return ModelConfig(
+        model=str(tiny_model_dir),
+        adapter=tuple(f"{name}={path}" for name, path in adapter_dirs.items()),
+        device="cpu",
+    )
+
+
+ServerFactory = Callable[..., "RunningServer"]
+
+
+class RunningServer:
+    """An in-process LoraServer on a free 127.0.0.1 port, with a client for it."""
+
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, load: bool = True) -> None:
+        from loraserve.server.app import LoraServer
+
+        server_config = ServerConfig(host="127.0.0.1", port=0, grace_period=5.0)
+        self.server = LoraServer(model_config, engine_config, server_config)
+        self.port = self.server.start()
+        self.target = f"127.0.0.1:{self.port}"
+        if load:
+            self.server.load()
+        self.client = Client(self.target, timeout=60)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def start_server(tiny_model_config: ModelConfig) -> Iterator[ServerFactory]:
+    """Start servers on the tiny model with custom settings; all are stopped after the test."""
+    started: list[RunningServer] = []
+
+    def start(load: bool = True, model_config: ModelConfig | None = None, **engine_options: int) -> RunningServer:
+        running = RunningServer(model_config or tiny_model_config, replace(EngineConfig(), **engine_options), load)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_config: ModelConfig) -> Iterator[RunningServer]:
+    """One server on the tiny model (with adapters alpha and beta), shared by the tests that do not change it."""
+    running = RunningServer(tiny_model_config, EngineConfig(max_batch_size=8, max_new_tokens=64, default_max_new_tokens=32))
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="session")
+def default_server() -> Iterator[RunningServer]:
+    """A server on the real default model (SmolLM2-135M-Instruct), converted once into the model cache."""
+    config = ModelConfig(model="default", model_cache=str(default_model_cache()), device="cpu")
+    running = RunningServer(config, EngineConfig())
+    yield running
+    running.close()

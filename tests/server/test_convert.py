@@ -1,0 +1,116 @@
+"""Proto <-> domain conversion, tested without an engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraserve.config import EngineConfig
+from loraserve.errors import InvalidRequest
+from loraserve.prompting import Message
+from loraserve.server import convert
+from loraserve.server.adapters import AdapterInfo
+from loraserve.server.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail, TopToken
+from loraserve.server.rag import Document, Passage, RagAnswer, Source
+from loraserve.v1 import inference_pb2 as pb
+
+
+def test_unset_optionals_take_defaults_and_set_zeros_are_kept() -> None:
+    unset = convert.generation_request(pb.GenerateRequest(prompt="x"), "rid", None)
+    assert unset.sampling.temperature == 0 and unset.sampling.top_p == 1.0 and unset.sampling.seed is None
+    assert unset.stopping.max_new_tokens is None
+    explicit = pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(seed=0, temperature=0.5))
+    request = convert.generation_request(explicit, "rid", 12.5)
+    assert request.sampling.seed == 0
+    assert request.sampling.temperature == pytest.approx(0.5)
+    assert request.request_id == "rid" and request.deadline == 12.5
+
+
+def test_zero_max_new_tokens_is_an_error_not_a_default() -> None:
+    message = pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=0))
+    with pytest.raises(InvalidRequest, match="stopping.max_new_tokens"):
+        convert.generation_request(message, "rid", None)
+
+
+def test_stream_requests_convert_like_unary_ones() -> None:
+    fields = dict(
+        messages=[pb.Message(role="user", content="hi")],
+        adapter_id="alpha",
+        sampling=pb.SamplingParams(temperature=0.9, top_k=5, top_p=0.5, seed=7, repetition_penalty=1.2),
+        stopping=pb.StoppingCriteria(max_new_tokens=9, min_new_tokens=2, stop_sequences=["\n"], time_limit_ms=50,
+                                     include_stop_sequence=True),
+        response=pb.ResponseOptions(token_ids=True, logprobs=True, top_n=3, input_tokens=True),
+        truncate_input_tokens=11,
+    )
+    unary = convert.generation_request(pb.GenerateRequest(**fields), "r", None)
+    streamed = convert.generation_request(pb.GenerateStreamRequest(**fields), "r", None)
+    assert unary == streamed
+    assert unary.messages == (Message("user", "hi"),)
+    assert unary.stopping.stop_sequences == ("\n",) and unary.stopping.include_stop_sequence
+    assert unary.output.top_n == 3 and unary.truncate_input_tokens == 11
+
+
+def test_results_convert_with_details_and_seed_only_when_sampling() -> None:
+    detail = TokenDetail(id=5, text="a", logprob=-0.5, top_tokens=(TopToken(5, "a", -0.5),))
+    result = GenerationResult("rid", "text", StopReason.STOP_SEQUENCE, 3, 4, (detail,), seed=None, stop_sequence=".")
+    response = convert.generate_response(result)
+    assert response.stop_reason == pb.STOP_REASON_STOP_SEQUENCE
+    assert not response.HasField("seed")
+    assert response.tokens[0].logprob == pytest.approx(-0.5) and response.tokens[0].top_tokens[0].id == 5
+    chunk = GenerationChunk("rid", "t", 3, 1, seed=0)
+    streamed = convert.stream_response(chunk)
+    assert streamed.HasField("seed") and streamed.seed == 0
+    assert streamed.stop_reason == pb.STOP_REASON_UNSPECIFIED
+
+
+def test_every_stop_reason_has_a_proto_value() -> None:
+    values = {convert.stop_reason(reason) for reason in StopReason}
+    assert len(values) == len(StopReason) and pb.STOP_REASON_UNSPECIFIED not in values
+
+
+def test_rag_query_enforces_the_document_limit() -> None:
+    message = pb.RagQueryRequest(query="q", documents=[pb.Document(id=str(i), text="t") for i in range(3)])
+    with pytest.raises(InvalidRequest, match="at most 2 documents"):
+        convert.rag_query(message, "rid", None, max_documents=2)
+    query = convert.rag_query(message, "rid", None, max_documents=3)
+    assert query.top_k == 3 and [d.id for d in query.documents] == ["0", "1", "2"]
+
+
+def test_rag_response_without_sources_has_no_generation_fields() -> None:
+    empty = convert.rag_response(RagAnswer("rid", "No relevant documents", (), None))
+    assert not empty.sources and empty.stop_reason == pb.STOP_REASON_UNSPECIFIED
+    source = Source(Passage(Document("d1", "body", "Title", {"k": "v"}), 0, "body"), 1.5, 1)
+    result = GenerationResult("rid", "ans", StopReason.EOS_TOKEN, 10, 2)
+    full = convert.rag_response(RagAnswer("rid", "ans", (source,), result))
+    assert full.sources[0].document_id == "d1" and full.sources[0].metadata == {"k": "v"}
+    assert full.generated_token_count == 2 and full.stop_reason == pb.STOP_REASON_EOS_TOKEN
+
+
+def test_tokenize_request_needs_exactly_one_input() -> None:
+    with pytest.raises(InvalidRequest, match="text"):
+        convert.tokenize_request(pb.TokenizeRequest())
+    with pytest.raises(InvalidRequest, match="not both"):
+        convert.tokenize_request(pb.TokenizeRequest(text="a", messages=[pb.Message(role="user", content="b")]))
+    with pytest.raises(InvalidRequest, match=r"messages\[0\].role"):
+        convert.tokenize_request(pb.TokenizeRequest(messages=[pb.Message(role="x", content="b")]))
+    assert convert.tokenize_request(pb.TokenizeRequest(text="a", return_tokens=True)) == ("a", (), True)
+
+
+def test_server_limits_mirror_the_engine_config() -> None:
+    limits = convert.server_limits(EngineConfig(max_batch_size=3, max_top_n=4))
+    assert limits.max_batch_size == 3 and limits.max_top_n == 4
+
+
+def test_model_info_response_carries_description_adapters_limits_and_stats() -> None:
+    from loraserve.server.engine import EngineStats
+    from loraserve.server.loading import ModelDescription
+
+    description = ModelDescription("m", "default", "LlamaForCausalLM", "float32", "cpu", "none", 8192, 49152)
+    adapters = [AdapterInfo("alpha", 4, 16.0, ("q_proj", "v_proj"), "/adapters/alpha")]
+    stats = EngineStats(active_requests=2, queued_requests=1, generated_tokens=99, completed_requests=5,
+                        uptime_seconds=3.5)
+    info = convert.model_info_response(description, adapters, EngineConfig(), stats, "chat-template", "1.2.3")
+    assert (info.model_name, info.max_sequence_length, info.vocab_size) == ("m", 8192, 49152)
+    assert info.adapters[0].id == "alpha" and list(info.adapters[0].target_modules) == ["q_proj", "v_proj"]
+    assert info.stats.active_requests == 2 and info.stats.generated_tokens == 99
+    assert info.limits.max_new_tokens == EngineConfig().max_new_tokens
+    assert info.server_version == "1.2.3" and info.prompt_format == "chat-template"

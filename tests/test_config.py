@@ -1,0 +1,74 @@
+"""Configuration: every dataclass field is a flag and a LORASERVE_* variable; flags beat the environment, which beats
+the default; bad values name the option."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+from loraserve.cli import build_parser
+from loraserve.config import EngineConfig, ModelConfig, ServerConfig, add_options, env_name, flag_name, from_namespace
+from loraserve.errors import ConfigError
+
+
+def parse(config_cls: type, argv: list[str]):  # type: ignore[no-untyped-def]
+    parser = argparse.ArgumentParser()
+    add_options(parser, config_cls)
+    return from_namespace(config_cls, parser.parse_args(argv))
+
+
+def test_defaults_when_nothing_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    for f in fields(EngineConfig):
+        monkeypatch.delenv(env_name(f), raising=False)
+    assert parse(EngineConfig, []) == EngineConfig()
+
+
+def test_flag_beats_environment_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORASERVE_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("LORASERVE_MAX_TOP_N", "3")
+    config = parse(EngineConfig, ["--max-batch-size", "4"])
+    assert config.max_batch_size == 4
+    assert config.max_top_n == 3
+    assert config.max_queued_requests == EngineConfig().max_queued_requests
+
+
+def test_repeatable_flags_and_comma_separated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORASERVE_ADAPTER", "a=/x, b=/y")
+    assert parse(ModelConfig, []).adapter == ("a=/x", "b=/y")
+    assert parse(ModelConfig, ["--adapter", "c=/z"]).adapter == ("c=/z",)
+
+
+def test_bad_environment_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORASERVE_PORT", "http")
+    with pytest.raises(ConfigError, match="LORASERVE_PORT"):
+        parse(ServerConfig, [])
+    monkeypatch.setenv("LORASERVE_PORT", "1")
+    monkeypatch.setenv("LORASERVE_DEVICE", "tpu")
+    with pytest.raises(ConfigError, match="LORASERVE_DEVICE='tpu': choose one of auto, cpu, cuda"):
+        parse(ModelConfig, [])
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "argv", "message"),
+    [
+        (EngineConfig, ["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+        (EngineConfig, ["--default-max-new-tokens", "99", "--max-new-tokens", "10"], "--default-max-new-tokens"),
+        (ServerConfig, ["--port", "70000"], "--port must be in"),
+        (ModelConfig, ["--adapter", "nopath"], "--adapter takes NAME=PATH"),
+    ],
+)
+def test_invalid_values_name_the_flag(config_cls: type, argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(config_cls, argv)
+
+
+def test_serve_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for config_cls in (ModelConfig, EngineConfig, ServerConfig):
+        for f in fields(config_cls):
+            assert flag_name(f) in text
+            assert env_name(f) in text

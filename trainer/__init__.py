@@ -1,0 +1,1 @@
+"""Fine-tune LoRA adapters that loraserve serves."""
