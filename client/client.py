@@ -8,6 +8,7 @@ from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from loraserve.client.types import (
     Generation,
     GenerationOptions,
@@ -20,7 +21,6 @@ from loraserve.client.types import (
     build_rag_query,
     build_tokenize,
 )
-
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from loraserve.client.client import Client
 from loraserve.client.types import GenerationOptions, LoraserveRpcError, StreamChunk
-
 from loraserve.config import ClientConfig, from_namespace
 
 

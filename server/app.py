@@ -15,9 +15,9 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from loraserve.server.servicer import InferenceServicer
 
 from loraserve.config import EngineConfig, ModelConfig, ServerConfig
+from loraserve.server.servicer import InferenceServicer
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 

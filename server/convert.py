@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from loraserve.config import EngineConfig
+from loraserve.errors import InvalidRequest
+from loraserve.prompting import Message, validate_messages
 from loraserve.server.adapters import AdapterInfo
 from loraserve.server.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail
 from loraserve.server.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
 from loraserve.server.rag import DEFAULT_TOP_K, Document, RagAnswer, RagQuery
-
-from loraserve.config import EngineConfig
-from loraserve.errors import InvalidRequest
-from loraserve.prompting import Message, validate_messages
 from loraserve.v1 import inference_pb2 as pb
 
 if TYPE_CHECKING:  # both modules import torch, which the gRPC side never loads itself

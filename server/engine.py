@@ -18,6 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+
+from loraserve.config import EngineConfig
+from loraserve.errors import InvalidRequest, QueueFull, Unavailable
+from loraserve.prompting import Message
 from loraserve.server.hf_runner import HFBatchRunner
 from loraserve.server.loading import LoadedModel
 from loraserve.server.outputs import StopReason, TokenDetail
@@ -27,10 +31,6 @@ from loraserve.server.sampling import sample_next
 from loraserve.server.sequence import Sequence as GenerationSequence
 from loraserve.server.sequence import SequenceContext
 from loraserve.server.tokenization import Tokenization
-
-from loraserve.config import EngineConfig
-from loraserve.errors import InvalidRequest, QueueFull, Unavailable
-from loraserve.prompting import Message
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from loraserve.server.adapters import AdapterInfo, AdapterRegistry, AdapterSpec
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
 from loraserve.prompting import PromptFormat, load_prompt_format
+from loraserve.server.adapters import AdapterInfo, AdapterRegistry, AdapterSpec
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # The weights are dense now; drop the GGUF quantizer so save_pretrained writes them as plain safetensors.
     model.hf_quantizer = None
     model.is_quantized = False
-    del model.config.quantization_config
+    model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

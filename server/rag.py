@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 import bm25s
 import numpy as np
-from loraserve.server.outputs import GenerationResult
-from loraserve.server.params import GenerationRequest, SamplingParams, StoppingParams
-from loraserve.server.request_stream import RequestStream
 
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message
+from loraserve.server.outputs import GenerationResult
+from loraserve.server.params import GenerationRequest, SamplingParams, StoppingParams
+from loraserve.server.request_stream import RequestStream
 
 DEFAULT_TOP_K = 3
 MAX_TOP_K = 20

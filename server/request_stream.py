@@ -6,9 +6,8 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable, Iterator
 
-from loraserve.server.outputs import GenerationChunk, GenerationResult
-
 from loraserve.errors import Unavailable
+from loraserve.server.outputs import GenerationChunk, GenerationResult
 
 # How often a waiting reader checks that the engine is still alive (it fails every stream when it stops, so this is
 # a safety net, not the mechanism).

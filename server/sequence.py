@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from loraserve.server.detokenizer import IncrementalDetokenizer
 from loraserve.server.outputs import GenerationChunk, StopReason, TokenDetail, TopToken
 from loraserve.server.params import GenerationRequest

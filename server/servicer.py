@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import grpc
-from loraserve.server import convert, rag
-from loraserve.server.status import rpc_method
 
 from loraserve import __version__
 from loraserve.errors import Unavailable
+from loraserve.server import convert, rag
+from loraserve.server.status import rpc_method
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 

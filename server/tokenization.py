@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from loraserve.server.outputs import TokenDetail
 from transformers import PreTrainedTokenizerBase
 
 from loraserve.prompting import Message, PromptFormat
+from loraserve.server.outputs import TokenDetail
 
 
 class Tokenization:

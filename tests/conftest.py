@@ -17,7 +17,9 @@ from loraserve.config import EngineConfig, ModelConfig, ServerConfig
 TINY_ADAPTERS = {"alpha": 4, "beta": 8}  # id -> rank: adapters of different ranks coexist
 
 
-def default_model_cache() -> Path:
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    """Where the default model's safetensors conversion is cached (the server's own default unless overridden)."""
     return Path(os.environ.get("LORASERVE_MODEL_CACHE", "~/.cache/loraserve/models")).expanduser()
 
 
@@ -143,15 +145,17 @@ def start_server(tiny_model_config: ModelConfig) -> Iterator[ServerFactory]:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model_config: ModelConfig) -> Iterator[RunningServer]:
     """One server on the tiny model (with adapters alpha and beta), shared by the tests that do not change it."""
-    running = RunningServer(tiny_model_config, EngineConfig(max_batch_size=8, max_new_tokens=64, default_max_new_tokens=32))
+    running = RunningServer(
+        tiny_model_config, EngineConfig(max_batch_size=8, max_new_tokens=64, default_max_new_tokens=32)
+    )
     yield running
     running.close()
 
 
 @pytest.fixture(scope="session")
-def default_server() -> Iterator[RunningServer]:
+def default_server(model_cache_dir: Path) -> Iterator[RunningServer]:
     """A server on the real default model (SmolLM2-135M-Instruct), converted once into the model cache."""
-    config = ModelConfig(model="default", model_cache=str(default_model_cache()), device="cpu")
+    config = ModelConfig(model="default", model_cache=str(model_cache_dir), device="cpu")
     running = RunningServer(config, EngineConfig())
     yield running
     running.close()

@@ -16,14 +16,20 @@ from loraserve.prompting import (
 
 
 def test_human_assistant_renders_the_prototype_format() -> None:
-    messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"),
-                Message("user", "Capital of France?")]
+    messages = [
+        Message("system", "Be brief."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello!"),
+        Message("user", "Capital of France?"),
+    ]
     text = HumanAssistantFormat().render(messages)
     assert text == "Be brief.\n\n### Human: Hi\n### Assistant: Hello!\n### Human: Capital of France?\n### Assistant:"
 
 
 def test_human_assistant_without_generation_prompt_ends_after_the_last_turn() -> None:
-    text = HumanAssistantFormat().render([Message("user", "Hi"), Message("assistant", "Yo")], add_generation_prompt=False)
+    text = HumanAssistantFormat().render(
+        [Message("user", "Hi"), Message("assistant", "Yo")], add_generation_prompt=False
+    )
     assert text == "### Human: Hi\n### Assistant: Yo\n"
 
 

@@ -58,8 +58,10 @@ def test_correlation_id_is_logged_with_the_request_id(tiny_server, caplog: pytes
 
 def test_adapters_are_chosen_per_request(tiny_server) -> None:  # type: ignore[no-untyped-def]
     client = tiny_server.client
-    texts = {a: client.generate("Once upon a time", adapter_id=a, max_new_tokens=12, min_new_tokens=12,
-                                token_ids=True) for a in ("", "alpha", "beta")}
+    texts = {
+        a: client.generate("Once upon a time", adapter_id=a, max_new_tokens=12, min_new_tokens=12, token_ids=True)
+        for a in ("", "alpha", "beta")
+    }
     assert len({tuple(t.id for t in g.tokens) for g in texts.values()}) == 3
 
 
@@ -68,19 +70,28 @@ def test_adapters_are_chosen_per_request(tiny_server) -> None:  # type: ignore[n
     [
         (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty"),
         (dict(prompt="hi", messages=USER), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
-        (dict(messages=[{"role": "wizard", "content": "hi"}]), grpc.StatusCode.INVALID_ARGUMENT,
-         "messages[0].role: unknown role 'wizard'"),
+        (
+            dict(messages=[{"role": "wizard", "content": "hi"}]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages[0].role: unknown role 'wizard'",
+        ),
         (dict(prompt="hi", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
         (dict(prompt="hi", temperature=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
         (dict(prompt="hi", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1]"),
         (dict(prompt="hi", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
         (dict(prompt="hi", top_k=-3), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k"),
-        (dict(prompt="hi", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_new_tokens: must be >= 1"),
+        (
+            dict(prompt="hi", max_new_tokens=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "stopping.max_new_tokens: must be >= 1",
+        ),
         (dict(prompt="hi", max_new_tokens=65), grpc.StatusCode.INVALID_ARGUMENT, "must be <= 64"),
-        (dict(prompt="hi", stop_sequences=[str(i) for i in range(9)]), grpc.StatusCode.INVALID_ARGUMENT,
-         "at most 8"),
-        (dict(prompt="hi", stop_sequences=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT,
-         "stopping.stop_sequences[1]: must not be empty"),
+        (dict(prompt="hi", stop_sequences=[str(i) for i in range(9)]), grpc.StatusCode.INVALID_ARGUMENT, "at most 8"),
+        (
+            dict(prompt="hi", stop_sequences=["ok", ""]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "stopping.stop_sequences[1]: must not be empty",
+        ),
         (dict(prompt="hi", top_n=21), grpc.StatusCode.INVALID_ARGUMENT, "response.top_n: must be <= 20"),
         (dict(prompt="word " * 300), grpc.StatusCode.INVALID_ARGUMENT, "set truncate_input_tokens"),
         (dict(prompt="hi", adapter_id="gamma"), grpc.StatusCode.NOT_FOUND, "no adapter 'gamma' is loaded"),

@@ -27,7 +27,7 @@ def test_unset_optionals_take_defaults_and_set_zeros_are_kept() -> None:
 
 def test_zero_max_new_tokens_is_an_error_not_a_default() -> None:
     message = pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=0))
-    with pytest.raises(InvalidRequest, match="stopping.max_new_tokens"):
+    with pytest.raises(InvalidRequest, match=r"stopping\.max_new_tokens"):
         convert.generation_request(message, "rid", None)
 
 
@@ -36,8 +36,9 @@ def test_stream_requests_convert_like_unary_ones() -> None:
         messages=[pb.Message(role="user", content="hi")],
         adapter_id="alpha",
         sampling=pb.SamplingParams(temperature=0.9, top_k=5, top_p=0.5, seed=7, repetition_penalty=1.2),
-        stopping=pb.StoppingCriteria(max_new_tokens=9, min_new_tokens=2, stop_sequences=["\n"], time_limit_ms=50,
-                                     include_stop_sequence=True),
+        stopping=pb.StoppingCriteria(
+            max_new_tokens=9, min_new_tokens=2, stop_sequences=["\n"], time_limit_ms=50, include_stop_sequence=True
+        ),
         response=pb.ResponseOptions(token_ids=True, logprobs=True, top_n=3, input_tokens=True),
         truncate_input_tokens=11,
     )
@@ -106,8 +107,9 @@ def test_model_info_response_carries_description_adapters_limits_and_stats() -> 
 
     description = ModelDescription("m", "default", "LlamaForCausalLM", "float32", "cpu", "none", 8192, 49152)
     adapters = [AdapterInfo("alpha", 4, 16.0, ("q_proj", "v_proj"), "/adapters/alpha")]
-    stats = EngineStats(active_requests=2, queued_requests=1, generated_tokens=99, completed_requests=5,
-                        uptime_seconds=3.5)
+    stats = EngineStats(
+        active_requests=2, queued_requests=1, generated_tokens=99, completed_requests=5, uptime_seconds=3.5
+    )
     info = convert.model_info_response(description, adapters, EngineConfig(), stats, "chat-template", "1.2.3")
     assert (info.model_name, info.max_sequence_length, info.vocab_size) == ("m", 8192, 49152)
     assert info.adapters[0].id == "alpha" and list(info.adapters[0].target_modules) == ["q_proj", "v_proj"]

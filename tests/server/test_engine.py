@@ -57,13 +57,18 @@ def reference(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> Callable[[
     def fresh() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
-    models = {"": fresh()} | {name: PeftModel.from_pretrained(fresh(), path).eval() for name, path in adapter_dirs.items()}
+    models = {"": fresh()} | {
+        name: PeftModel.from_pretrained(fresh(), path).eval() for name, path in adapter_dirs.items()
+    }
 
     def generate(prompt_ids: list[int], new_tokens: int, adapter: str = "") -> list[int]:
         ids = torch.tensor([prompt_ids])
         out = models[adapter].generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
         )
         return out[0, len(prompt_ids) :].tolist()
 
@@ -118,8 +123,12 @@ def test_stream_chunks_add_up_to_the_result(make_engine) -> None:  # type: ignor
 
 def test_seeded_sampling_repeats_and_reports_its_seed(make_engine) -> None:  # type: ignore[no-untyped-def]
     engine = make_engine()
-    request = GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(temperature=1.0, seed=1234),
-                                stopping=exact(10), output=OutputOptions(token_ids=True))
+    request = GenerationRequest(
+        prompt=PROMPTS[0],
+        sampling=SamplingParams(temperature=1.0, seed=1234),
+        stopping=exact(10),
+        output=OutputOptions(token_ids=True),
+    )
     first, second = engine.submit(request), engine.submit(request)  # decoded side by side in one batch
     a, b = first.result(), second.result()
     assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
@@ -134,15 +143,26 @@ def test_stop_sequences_cut_the_text(make_engine) -> None:  # type: ignore[no-un
     full = engine.submit(GenerationRequest(prompt=PROMPTS[3], stopping=exact(30))).result().text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip(), "the random model's text should have a non-blank middle"
-    cut = engine.submit(GenerationRequest(prompt=PROMPTS[3], stopping=StoppingParams(
-        max_new_tokens=30, stop_sequences=("\x00never", stop)))).result()
+    cut = engine.submit(
+        GenerationRequest(
+            prompt=PROMPTS[3], stopping=StoppingParams(max_new_tokens=30, stop_sequences=("\x00never", stop))
+        )
+    ).result()
     assert cut.stop_reason is StopReason.STOP_SEQUENCE and cut.stop_sequence == stop
     assert cut.text == full[: full.index(stop)]
-    kept = engine.submit(GenerationRequest(prompt=PROMPTS[3], stopping=StoppingParams(
-        max_new_tokens=30, stop_sequences=(stop,), include_stop_sequence=True))).result()
+    kept = engine.submit(
+        GenerationRequest(
+            prompt=PROMPTS[3],
+            stopping=StoppingParams(max_new_tokens=30, stop_sequences=(stop,), include_stop_sequence=True),
+        )
+    ).result()
     assert kept.text == full[: full.index(stop) + len(stop)]
-    streamed = "".join(c.text for c in engine.submit(GenerationRequest(prompt=PROMPTS[3], stopping=StoppingParams(
-        max_new_tokens=30, stop_sequences=(stop,)))))
+    streamed = "".join(
+        c.text
+        for c in engine.submit(
+            GenerationRequest(prompt=PROMPTS[3], stopping=StoppingParams(max_new_tokens=30, stop_sequences=(stop,)))
+        )
+    )
     assert streamed == cut.text, "streamed text must never include what the stop sequence cuts"
 
 
@@ -155,16 +175,20 @@ def test_eos_ends_generation_unless_min_new_tokens(make_engine, tiny_loaded) -> 
     ended = eos_engine.submit(with_ids(prompt=PROMPTS[0], stopping=StoppingParams(max_new_tokens=10))).result()
     assert ended.stop_reason is StopReason.EOS_TOKEN and ended.generated_token_count == 1 and ended.text == ""
     # ...unless min_new_tokens holds it off: then that token is never chosen before the minimum.
-    held = eos_engine.submit(with_ids(prompt=PROMPTS[0], stopping=StoppingParams(max_new_tokens=10,
-                                                                                  min_new_tokens=4))).result()
+    held = eos_engine.submit(
+        with_ids(prompt=PROMPTS[0], stopping=StoppingParams(max_new_tokens=10, min_new_tokens=4))
+    ).result()
     assert held.generated_token_count >= 4
     assert first not in [t.id for t in held.tokens[:4]]
 
 
 def test_time_limit_and_token_limit(make_engine) -> None:  # type: ignore[no-untyped-def]
     engine = make_engine(max_new_tokens=2048)
-    timed = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=StoppingParams(
-        max_new_tokens=2000, min_new_tokens=2000, time_limit_ms=50))).result()
+    timed = engine.submit(
+        GenerationRequest(
+            prompt=PROMPTS[0], stopping=StoppingParams(max_new_tokens=2000, min_new_tokens=2000, time_limit_ms=50)
+        )
+    ).result()
     assert timed.stop_reason is StopReason.TIME_LIMIT and timed.generated_token_count < 2000
     long_prompt = " ".join(["word"] * 240)
     limited = engine.submit(GenerationRequest(prompt=long_prompt, stopping=exact(100))).result()
@@ -185,22 +209,35 @@ def test_prompt_too_long_is_refused_unless_truncated(make_engine) -> None:  # ty
 @pytest.mark.parametrize(
     ("request_", "error", "field"),
     [
-        (GenerationRequest(prompt="x", stopping=StoppingParams(max_new_tokens=65)), InvalidRequest,
-         "stopping.max_new_tokens"),
-        (GenerationRequest(prompt="x", stopping=StoppingParams(min_new_tokens=40)), InvalidRequest,
-         "stopping.min_new_tokens"),
-        (GenerationRequest(prompt="x", stopping=StoppingParams(stop_sequences=("a", "b", "c"))), InvalidRequest,
-         "stopping.stop_sequences"),
-        (GenerationRequest(prompt="x", stopping=StoppingParams(stop_sequences=("x" * 11,))), InvalidRequest,
-         "stopping.stop_sequences[0]"),
+        (
+            GenerationRequest(prompt="x", stopping=StoppingParams(max_new_tokens=65)),
+            InvalidRequest,
+            "stopping.max_new_tokens",
+        ),
+        (
+            GenerationRequest(prompt="x", stopping=StoppingParams(min_new_tokens=40)),
+            InvalidRequest,
+            "stopping.min_new_tokens",
+        ),
+        (
+            GenerationRequest(prompt="x", stopping=StoppingParams(stop_sequences=("a", "b", "c"))),
+            InvalidRequest,
+            "stopping.stop_sequences",
+        ),
+        (
+            GenerationRequest(prompt="x", stopping=StoppingParams(stop_sequences=("x" * 11,))),
+            InvalidRequest,
+            "stopping.stop_sequences[0]",
+        ),
         (GenerationRequest(prompt="x", output=OutputOptions(top_n=3)), InvalidRequest, "response.top_n"),
         (GenerationRequest(prompt="x", adapter_id="../alpha"), InvalidRequest, "adapter_id"),
         (GenerationRequest(prompt="x", adapter_id="gamma"), AdapterNotFound, None),
     ],
 )
 def test_requests_beyond_the_limits_are_refused(make_engine, request_, error, field) -> None:  # type: ignore[no-untyped-def]
-    engine = make_engine(max_new_tokens=64, default_max_new_tokens=32, max_stop_sequences=2,
-                         max_stop_sequence_length=10, max_top_n=2)
+    engine = make_engine(
+        max_new_tokens=64, default_max_new_tokens=32, max_stop_sequences=2, max_stop_sequence_length=10, max_top_n=2
+    )
     with pytest.raises(error) as raised:
         engine.submit(request_)
     if field:
@@ -290,8 +327,11 @@ def test_a_dead_engine_fails_everything_and_says_so(tiny_loaded, monkeypatch) ->
 
 def test_token_details_and_input_tokens(make_engine) -> None:  # type: ignore[no-untyped-def]
     engine = make_engine()
-    result = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(4), output=OutputOptions(
-        logprobs=True, top_n=3, input_tokens=True))).result()
+    result = engine.submit(
+        GenerationRequest(
+            prompt=PROMPTS[0], stopping=exact(4), output=OutputOptions(logprobs=True, top_n=3, input_tokens=True)
+        )
+    ).result()
     assert len(result.tokens) == 4
     for token in result.tokens:
         assert token.logprob is not None and token.logprob <= 0

