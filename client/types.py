@@ -159,6 +159,21 @@ def _tokens(infos: Sequence[pb.TokenInfo]) -> tuple[Token, ...]:
     return tuple(Token.from_proto(i) for i in infos)
 
 
+def _generation_fields(r: pb.GenerateResponse | pb.GenerateStreamResponse) -> dict[str, Any]:
+    """The fields Generation and StreamChunk share."""
+    return dict(
+        text=r.text,
+        stop_reason=StopReason.from_proto(r.stop_reason),
+        input_token_count=r.input_token_count,
+        generated_token_count=r.generated_token_count,
+        request_id=r.request_id,
+        seed=r.seed if r.HasField("seed") else None,
+        stop_sequence=r.stop_sequence,
+        tokens=_tokens(r.tokens),
+        input_tokens=_tokens(r.input_tokens),
+    )
+
+
 @dataclass(frozen=True)
 class Generation:
     """A whole completion (from generate)."""
@@ -175,17 +190,7 @@ class Generation:
 
     @classmethod
     def from_proto(cls, r: pb.GenerateResponse) -> Generation:
-        return cls(
-            text=r.text,
-            stop_reason=StopReason.from_proto(r.stop_reason),
-            input_token_count=r.input_token_count,
-            generated_token_count=r.generated_token_count,
-            request_id=r.request_id,
-            seed=r.seed if r.HasField("seed") else None,
-            stop_sequence=r.stop_sequence,
-            tokens=_tokens(r.tokens),
-            input_tokens=_tokens(r.input_tokens),
-        )
+        return cls(**_generation_fields(r))
 
 
 @dataclass(frozen=True)
@@ -208,17 +213,8 @@ class StreamChunk:
 
     @classmethod
     def from_proto(cls, r: pb.GenerateStreamResponse) -> StreamChunk:
-        return cls(
-            text=r.text,
-            input_token_count=r.input_token_count,
-            generated_token_count=r.generated_token_count,
-            request_id=r.request_id,
-            stop_reason=StopReason.from_proto(r.stop_reason) if r.stop_reason else None,
-            seed=r.seed if r.HasField("seed") else None,
-            stop_sequence=r.stop_sequence,
-            tokens=_tokens(r.tokens),
-            input_tokens=_tokens(r.input_tokens),
-        )
+        fields = _generation_fields(r)
+        return cls(**fields | {"stop_reason": fields["stop_reason"] if r.stop_reason else None})
 
 
 @dataclass(frozen=True)

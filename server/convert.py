@@ -139,36 +139,29 @@ def token_info(detail: TokenDetail) -> pb.TokenInfo:
     return info
 
 
-def generate_response(result: GenerationResult) -> pb.GenerateResponse:
-    response = pb.GenerateResponse(
-        text=result.text,
-        stop_reason=stop_reason(result.stop_reason),
-        input_token_count=result.input_token_count,
-        generated_token_count=result.generated_token_count,
-        request_id=result.request_id,
-        stop_sequence=result.stop_sequence,
-        tokens=[token_info(t) for t in result.tokens],
-        input_tokens=[token_info(t) for t in result.input_tokens],
+def _generation_fields(item: GenerationResult | GenerationChunk) -> dict[str, Any]:
+    """The fields GenerateResponse and GenerateStreamResponse share, from a result or a chunk."""
+    fields: dict[str, Any] = dict(
+        text=item.text,
+        stop_reason=stop_reason(item.stop_reason),
+        input_token_count=item.input_token_count,
+        generated_token_count=item.generated_token_count,
+        request_id=item.request_id,
+        stop_sequence=item.stop_sequence,
+        tokens=[token_info(t) for t in item.tokens],
+        input_tokens=[token_info(t) for t in item.input_tokens],
     )
-    if result.seed is not None:
-        response.seed = result.seed
-    return response
+    if item.seed is not None:
+        fields["seed"] = item.seed
+    return fields
+
+
+def generate_response(result: GenerationResult) -> pb.GenerateResponse:
+    return pb.GenerateResponse(**_generation_fields(result))
 
 
 def stream_response(chunk: GenerationChunk) -> pb.GenerateStreamResponse:
-    response = pb.GenerateStreamResponse(
-        text=chunk.text,
-        stop_reason=stop_reason(chunk.stop_reason),
-        input_token_count=chunk.input_token_count,
-        generated_token_count=chunk.generated_token_count,
-        request_id=chunk.request_id,
-        stop_sequence=chunk.stop_sequence,
-        tokens=[token_info(t) for t in chunk.tokens],
-        input_tokens=[token_info(t) for t in chunk.input_tokens],
-    )
-    if chunk.seed is not None:
-        response.seed = chunk.seed
-    return response
+    return pb.GenerateStreamResponse(**_generation_fields(chunk))
 
 
 def rag_response(answer: RagAnswer) -> pb.RagQueryResponse:

@@ -18,6 +18,13 @@ from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from loraserve.server.engine import Engine
+    from loraserve.server.request_stream import RequestStream
+
+
+def cancel_with_call(context: grpc.ServicerContext, stream: RequestStream) -> None:
+    """Cancel the engine's request when the call ends early (client cancel, deadline); at once if it already has."""
+    if not context.add_callback(stream.cancel):
+        stream.cancel()
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -47,7 +54,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GenerateResponse:
         params = convert.generation_request(request, request_id, deadline_of(context))
         stream = self.engine.submit(params)
-        context.add_callback(stream.cancel)
+        cancel_with_call(context, stream)
         return convert.generate_response(stream.result())
 
     @rpc_method
@@ -56,7 +63,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> Iterator[pb.GenerateStreamResponse]:
         params = convert.generation_request(request, request_id, deadline_of(context))
         stream = self.engine.submit(params)
-        context.add_callback(stream.cancel)
+        cancel_with_call(context, stream)
         for chunk in stream:
             yield convert.stream_response(chunk)
 
@@ -66,7 +73,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.RagQueryResponse:
         engine = self.engine
         query = convert.rag_query(request, request_id, deadline_of(context), engine.config.max_rag_documents)
-        answer = rag.answer(query, engine.submit, on_stream=lambda stream: context.add_callback(stream.cancel))
+        answer = rag.answer(query, engine.submit, on_stream=lambda stream: cancel_with_call(context, stream))
         return convert.rag_response(answer)
 
     @rpc_method

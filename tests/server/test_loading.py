@@ -90,6 +90,7 @@ def test_adapter_specs_and_ids() -> None:
     assert AdapterRegistry([]).resolve("") == ""
 
 
+@pytest.mark.filterwarnings("ignore:Unexpected keyword arguments")  # PEFT, reading the LoRA keys as prefix tuning
 def test_adapters_must_be_safetensors_lora_and_unique(
     tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
