@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, TypeVar
@@ -107,6 +108,31 @@ def from_env(config_cls: type[T]) -> T:
     return from_namespace(config_cls, argparse.Namespace())
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from "2GiB", "512MB", "1073741824"; None for "auto". Raises ValueError otherwise."""
+    if text.strip().lower() == "auto":
+        return None
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"expected a size such as 2GiB or 512MB, or auto; got {text!r}")
+    return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
+
+
 def _require(condition: bool, flag: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"--{flag.replace('_', '-')} {message}")
@@ -165,10 +191,18 @@ class EngineConfig:
         128, "Most requests waiting for a batch slot; beyond it requests get RESOURCE_EXHAUSTED.", metavar="N"
     )
     max_prefill_tokens: int = option(
-        2048,
-        "Most prompt tokens prefilled between two decode steps, so new prompts never stall running streams for long.",
+        512,
+        "Most prompt tokens fed per step: longer prompts are prefilled in chunks, so running streams never wait "
+        "long for new ones.",
         metavar="TOKENS",
     )
+    kv_cache_memory: str = option(
+        "auto",
+        "Memory for the KV cache (e.g. 2GiB, 512MB). Requests are admitted only while their tokens fit in it. auto: "
+        "a tenth of RAM up to 2 GiB on a CPU, 90%% of the free memory after loading on CUDA.",
+        metavar="SIZE",
+    )
+    cuda_graphs: bool = option(True, "Replay decode steps as captured CUDA graphs (CUDA only).")
     default_max_new_tokens: int = option(256, "max_new_tokens for requests that leave it unset.", metavar="N")
     max_new_tokens: int = option(2048, "Largest max_new_tokens a request may ask for.", metavar="N")
     max_stop_sequences: int = option(8, "Most stop sequences per request.", metavar="N")
@@ -182,6 +216,10 @@ class EngineConfig:
         for name in ("max_queued_requests", "max_stop_sequences", "max_stop_sequence_length", "max_top_n"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(self.max_rag_documents >= 1, "max_rag_documents", f"must be >= 1, got {self.max_rag_documents}")
+        try:
+            parse_size(self.kv_cache_memory)
+        except ValueError as error:
+            raise ConfigError(f"--kv-cache-memory: {error}") from None
         _require(
             self.default_max_new_tokens <= self.max_new_tokens,
             "default_max_new_tokens",

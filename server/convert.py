@@ -200,6 +200,7 @@ def server_limits(config: EngineConfig) -> pb.ServerLimits:
         max_queued_requests=config.max_queued_requests,
         max_top_n=config.max_top_n,
         max_rag_documents=config.max_rag_documents,
+        max_prefill_tokens=config.max_prefill_tokens,
     )
 
 
@@ -236,6 +237,8 @@ def model_info_response(
             generated_tokens=stats.generated_tokens,
             completed_requests=stats.completed_requests,
             uptime_seconds=stats.uptime_seconds,
+            kv_cache_tokens=stats.kv_cache_tokens,
+            kv_cache_used_tokens=stats.kv_cache_used_tokens,
         ),
         prompt_format=prompt_format,
     )

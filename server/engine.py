@@ -1,9 +1,9 @@
 """The engine: one thread owns the model and runs the batch; RPC threads submit requests and read their streams.
 
-Each turn of the loop admits waiting requests into the running batch (a bounded number of prompt tokens per turn, so
-running streams are never held up for long), drops requests that were cancelled or ran out of time, and decodes one
-token for every running request. A request joins at the next turn and leaves the moment it finishes, freeing its
-KV cache. The engine knows nothing of gRPC.
+Each turn of the loop (continuous batching) admits waiting requests while the batch and the KV cache budget have
+room, drops requests that were cancelled or ran out of time, and runs one step: every decoding request feeds its last
+token and prompts are fed in chunks of at most max_prefill_tokens, all in one forward pass. A request joins at the
+next step and leaves the moment it finishes, freeing its KV cache row. The engine knows nothing of gRPC.
 """
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from loraserve.config import EngineConfig
-from loraserve.errors import InvalidRequest, QueueFull, Unavailable
+from loraserve.config import EngineConfig, parse_size
+from loraserve.errors import ConfigError, InvalidRequest, QueueFull, Unavailable
 from loraserve.prompting import Message
-from loraserve.server.hf_runner import HFBatchRunner
+from loraserve.server.kv_cache import KVCache, budget_bytes
+from loraserve.server.llama_runner import LlamaRunner, RowWork
 from loraserve.server.loading import LoadedModel
+from loraserve.server.lora import LoraBanks
 from loraserve.server.outputs import StopReason, TokenDetail
 from loraserve.server.params import GenerationRequest
+from loraserve.server.preparation import prepare
 from loraserve.server.request_stream import RequestStream
 from loraserve.server.sampling import sample_next
+from loraserve.server.scheduler import Scheduler
 from loraserve.server.sequence import Sequence as GenerationSequence
 from loraserve.server.sequence import SequenceContext
 from loraserve.server.tokenization import Tokenization
@@ -52,6 +56,8 @@ class EngineStats:
     generated_tokens: int
     completed_requests: int
     uptime_seconds: float
+    kv_cache_tokens: int
+    kv_cache_used_tokens: int
 
 
 class Engine:
@@ -67,16 +73,21 @@ class Engine:
         self.config = config
         self.tokenization = Tokenization(loaded.tokenizer, loaded.prompt_format)
         self._on_failure = on_failure
-        self._runner = HFBatchRunner(loaded.model, loaded.pad_token_id, uses_adapters=bool(loaded.adapters))
+        self.max_sequence_length = loaded.description.max_sequence_length
+        self.kv = self._kv_cache(loaded, config)
+        lora = self._lora_banks(loaded)
+        self._runner = LlamaRunner(loaded.model, loaded.linears, self.kv, lora)
+        self._adapter_index = lora.index if lora is not None else {}
+        self._scheduler = Scheduler(self.kv, config.max_batch_size, config.max_prefill_tokens)
         self._context = SequenceContext(
             tokenization=self.tokenization,
             eos_token_ids=loaded.eos_token_ids,
-            max_sequence_length=loaded.description.max_sequence_length,
+            max_sequence_length=self.max_sequence_length,
             device=self._runner.device,
         )
         self._cond = threading.Condition()
         self._waiting: deque[GenerationSequence] = deque()
-        self._running: list[GenerationSequence] = []  # row i of the runner's batch is _running[i]
+        self._running: list[GenerationSequence] = []  # in admission order; each owns a KV cache row
         self._by_id: dict[str, GenerationSequence] = {}
         self._active = 0
         self._generated_tokens = 0
@@ -84,6 +95,29 @@ class Engine:
         self._state = EngineState.CREATED
         self._started_at = time.monotonic()
         self._thread: threading.Thread | None = None
+
+    def _kv_cache(self, loaded: LoadedModel, config: EngineConfig) -> KVCache:
+        shape = LlamaRunner.cache_shape(loaded.model, loaded.model.dtype)
+        size = budget_bytes(parse_size(config.kv_cache_memory), loaded.model.device)
+        tokens = size // shape.bytes_per_token
+        logger.info("KV cache", extra={"bytes": size, "tokens": tokens, "bytes_per_token": shape.bytes_per_token})
+        try:
+            return KVCache(shape, tokens, self.max_sequence_length, loaded.model.device)
+        except ValueError as error:
+            raise ConfigError(f"--kv-cache-memory {config.kv_cache_memory}: {error}") from None
+
+    @staticmethod
+    def _lora_banks(loaded: LoadedModel) -> LoraBanks | None:
+        if not loaded.lora_adapters:
+            return None
+        features = LlamaRunner.projection_features(loaded.model)
+        return LoraBanks(
+            list(loaded.lora_adapters),
+            features,
+            loaded.model.config.num_hidden_layers,
+            loaded.model.dtype,
+            loaded.model.device,
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -142,11 +176,23 @@ class Engine:
         self._check_accepting()
         if not request.request_id:
             request = replace(request, request_id=uuid.uuid4().hex)
-        self.loaded.adapters.resolve(request.adapter_id)
-        max_new_tokens = self._check_limits(request)
-        prompt_ids = self._prompt_ids(request)
+        adapter = self.loaded.adapters.resolve(request.adapter_id)
+        prepared = prepare(request, self.config, self.tokenization, self.max_sequence_length)
         stream = RequestStream(request.request_id, self.cancel, lambda: self.alive)
-        sequence = GenerationSequence(request, prompt_ids, max_new_tokens, stream, self._context)
+        sequence = GenerationSequence(
+            request,
+            prepared.prompt_ids,
+            prepared.max_new_tokens,
+            stream,
+            self._context,
+            self._adapter_index.get(adapter, -1),
+        )
+        if not self.kv.fits(sequence.reservation):
+            raise InvalidRequest(
+                f"prompt plus max_new_tokens is {sequence.reservation} tokens, more than the KV cache can hold for "
+                f"one request; lower max_new_tokens, or raise the server's --kv-cache-memory",
+                "stopping.max_new_tokens",
+            )
         with self._cond:
             self._check_accepting()
             free_slots = self.config.max_batch_size - self._active
@@ -176,6 +222,8 @@ class Engine:
                 generated_tokens=self._generated_tokens,
                 completed_requests=self._completed,
                 uptime_seconds=time.monotonic() - self._started_at,
+                kv_cache_tokens=self.kv.budget_tokens,
+                kv_cache_used_tokens=self.kv.active_rows * self.kv.row_length,
             )
 
     def tokenize(
@@ -191,59 +239,15 @@ class Engine:
         if self._state is not EngineState.RUNNING:
             raise Unavailable(f"the engine is {self._state.value}; it takes no requests")
 
-    def _check_limits(self, request: GenerationRequest) -> int:
-        """Check the request against the server's limits; return its max_new_tokens."""
-        config, stopping = self.config, request.stopping
-        if stopping.max_new_tokens is not None and stopping.max_new_tokens > config.max_new_tokens:
-            raise InvalidRequest(
-                f"must be <= {config.max_new_tokens} (the server's limit), got {stopping.max_new_tokens}",
-                "stopping.max_new_tokens",
-            )
-        max_new_tokens = stopping.max_new_tokens or config.default_max_new_tokens
-        if stopping.min_new_tokens > max_new_tokens:
-            raise InvalidRequest(
-                f"({stopping.min_new_tokens}) must not exceed max_new_tokens ({max_new_tokens})",
-                "stopping.min_new_tokens",
-            )
-        if len(stopping.stop_sequences) > config.max_stop_sequences:
-            raise InvalidRequest(
-                f"at most {config.max_stop_sequences} are allowed, got {len(stopping.stop_sequences)}",
-                "stopping.stop_sequences",
-            )
-        for i, stop in enumerate(stopping.stop_sequences):
-            if len(stop) > config.max_stop_sequence_length:
-                raise InvalidRequest(
-                    f"is {len(stop)} characters; at most {config.max_stop_sequence_length} are allowed",
-                    f"stopping.stop_sequences[{i}]",
-                )
-        if request.output.top_n > config.max_top_n:
-            raise InvalidRequest(f"must be <= {config.max_top_n}, got {request.output.top_n}", "response.top_n")
-        return max_new_tokens
-
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        ids = self.tokenization.encode(request.prompt, request.messages)
-        field = "messages" if request.messages else "prompt"
-        if not ids:
-            raise InvalidRequest("encodes to no tokens", field)
-        if request.truncate_input_tokens and len(ids) > request.truncate_input_tokens:
-            ids = ids[-request.truncate_input_tokens :]
-        limit = self._context.max_sequence_length
-        if len(ids) >= limit:
-            raise InvalidRequest(
-                f"is {len(ids)} tokens, but the context holds {limit} tokens including at least one new token; "
-                f"shorten it or set truncate_input_tokens (at most {limit - 1})",
-                field,
-            )
-        return ids
-
     # ---- the engine thread -----------------------------------------------------------------------------------------
 
     def _warm_up(self) -> None:
         """One prefill and one decode step, so the first request does not pay for lazy initialisation."""
         ids = self.tokenization.encode("Hello")
-        logits = self._runner.prefill([ids], [""])
-        self._runner.decode([int(logits[0].argmax())])
-        self._runner.reset()
+        row = self.kv.admit(len(ids) + 1)
+        logits = self._runner.step([RowWork(row, ids, 0)])
+        self._runner.step([RowWork(row, (int(logits[0].argmax()),), len(ids))])
+        self.kv.release(row)
 
     def _loop(self) -> None:
         try:
@@ -252,15 +256,14 @@ class Engine:
                 if admitted is None:
                     return
                 self._expire_running()
-                if admitted:
-                    self._prefill(admitted)
-                if self._running:
-                    self._decode()
+                work = self._scheduler.plan(self._running)
+                if work:
+                    self._step(work)
         except BaseException as error:  # the engine must never die silently: fail everything and say so
             self._die(error)
 
     def _admit(self) -> list[GenerationSequence] | None:
-        """Wait for work; take the waiting requests that fit the batch and this turn's prefill budget.
+        """Wait for work; move waiting requests into the batch while it and the KV cache have room.
         Returns None when the engine stops."""
         expired: list[tuple[GenerationSequence, StopReason]] = []
         with self._cond:
@@ -274,14 +277,7 @@ class Engine:
                 if reason is not None:
                     self._waiting.remove(sequence)
                     expired.append((sequence, reason))
-            admitted: list[GenerationSequence] = []
-            budget = self.config.max_prefill_tokens
-            while self._waiting and len(self._running) + len(admitted) < self.config.max_batch_size:
-                prompt_length = len(self._waiting[0].prompt_ids)
-                if admitted and prompt_length > budget:
-                    break
-                budget -= prompt_length
-                admitted.append(self._waiting.popleft())
+            admitted = self._scheduler.admit(self._waiting, self._running)
             self._active += len(admitted)
         for sequence, reason in expired:
             sequence.finish(reason)
@@ -296,25 +292,19 @@ class Engine:
                 sequence.finish(reason)
         self._evict_finished()
 
-    def _prefill(self, sequences: list[GenerationSequence]) -> None:
+    def _step(self, work: list[tuple[GenerationSequence, RowWork]]) -> None:
+        """Run one forward pass for the planned work; sample for the requests that produced logits."""
         try:
-            logits = self._runner.prefill([s.prompt_ids for s in sequences], [s.request.adapter_id for s in sequences])
+            logits = self._runner.step([row_work for _, row_work in work])
         except Exception as error:
-            self._fail_step(sequences, error, "prefill")
+            self._fail_step([sequence for sequence, _ in work], error)
             return
-        self._running.extend(sequences)
-        self._advance(sequences, logits)
-
-    def _decode(self) -> None:
-        try:
-            logits = self._runner.decode([s.last_token for s in self._running])
-        except Exception as error:
-            failed = self._running
-            self._running = []
-            self._runner.reset()
-            self._fail_step(failed, error, "decode")
-            return
-        self._advance(self._running, logits)
+        sampling = []
+        for sequence, row_work in work:
+            sequence.cached += len(row_work.tokens)
+            if row_work.wants_logits:
+                sampling.append(sequence)
+        self._advance(sampling, logits)
 
     def _advance(self, sequences: list[GenerationSequence], logits: torch.Tensor) -> None:
         """Sample a token for each sequence (row i of logits is sequences[i]) and hand it to the sequence."""
@@ -326,13 +316,13 @@ class Engine:
         self._evict_finished()
 
     def _evict_finished(self) -> None:
-        """Drop finished rows from the batch, freeing their cache."""
-        keep = [i for i, s in enumerate(self._running) if not s.finished]
-        if len(keep) == len(self._running):
-            return
+        """Drop finished requests from the batch, freeing their KV cache rows."""
         done = [s for s in self._running if s.finished]
-        self._runner.keep(keep)
-        self._running = [self._running[i] for i in keep]
+        if not done:
+            return
+        self._running = [s for s in self._running if not s.finished]
+        for sequence in done:
+            self._scheduler.release(sequence, self._running)
         self._forget(done, was_active=True)
 
     def _forget(self, sequences: list[GenerationSequence], was_active: bool) -> None:
@@ -348,17 +338,16 @@ class Engine:
         for sequence in sequences:
             _log_finished(sequence)
 
-    def _fail_step(self, sequences: list[GenerationSequence], error: Exception, step: str) -> None:
-        """A batch step raised: fail its requests, keep serving the others."""
+    def _fail_step(self, sequences: list[GenerationSequence], error: Exception) -> None:
+        """A step raised: fail its requests, free their rows, keep serving the others."""
         logger.error(
-            "%s failed; its requests end with INTERNAL",
-            step,
+            "a model step failed; its requests end with INTERNAL",
             exc_info=error,
             extra={"request_ids": [s.request_id for s in sequences]},
         )
         for sequence in sequences:
-            sequence.fail(RuntimeError(f"the model failed during {step}"))
-        self._forget(sequences, was_active=True)
+            sequence.fail(RuntimeError("the model failed while running this request"))
+        self._evict_finished()
 
     def _die(self, error: BaseException) -> None:
         logger.critical("the engine thread died; failing every request", exc_info=error)

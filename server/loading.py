@@ -1,5 +1,5 @@
 """Loading the model: resolve its source to a local safetensors folder (converting GGUF once, cached), load weights and
-tokenizer on the chosen device and dtype, and attach LoRA adapters. The only module that calls from_pretrained.
+tokenizer on the chosen device and dtype, and read the LoRA adapters. The only module that calls from_pretrained.
 
 Safe by default: trust_remote_code stays off, and weights come only from safetensors or GGUF files.
 """
@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
 from loraserve.prompting import PromptFormat, load_prompt_format
-from loraserve.server.adapters import AdapterInfo, AdapterRegistry, AdapterSpec
+from loraserve.server.adapters import AdapterRegistry, AdapterSpec
+from loraserve.server.llama_runner import Linear, LlamaRunner, check_supported, prepare_linears
+from loraserve.server.lora import LoraAdapter, read_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ class LoadedModel:
     """A model ready to serve, with everything the engine needs to know about it."""
 
     model: PreTrainedModel
+    linears: dict[tuple[int, str], Linear]  # the runner's projections (prepacked on a CPU)
     tokenizer: PreTrainedTokenizerBase
     prompt_format: PromptFormat
     adapters: AdapterRegistry
+    lora_adapters: tuple[LoraAdapter, ...]
     description: ModelDescription
     eos_token_ids: frozenset[int]
     pad_token_id: int
@@ -164,51 +167,26 @@ def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> 
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def attach_adapters(model: PreTrainedModel, specs: list[AdapterSpec]) -> tuple[Any, list[AdapterInfo]]:
-    """Load each PEFT LoRA adapter under its name; return the wrapped model and what was loaded."""
-    if not specs:
-        return model, []
-    from peft import PeftConfig, PeftModel
-
-    infos: list[AdapterInfo] = []
-    for spec in specs:
-        folder = Path(spec.path).expanduser()
-        where = f"--adapter {spec.id}={spec.path}"
-        if not (folder / "adapter_config.json").is_file():
-            raise ConfigError(f"{where}: no adapter_config.json there")
-        if not (folder / "adapter_model.safetensors").is_file():
-            raise ConfigError(f"{where}: no adapter_model.safetensors there (pickled .bin weights are not loaded)")
-        config = PeftConfig.from_pretrained(str(folder))
-        if config.peft_type != "LORA":  # PeftType is a str enum
-            raise ConfigError(f"{where}: a {config.peft_type} adapter; only LoRA adapters are served")
-        try:
-            if infos:
-                model.load_adapter(str(folder), adapter_name=spec.id)
-            else:
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=spec.id)
-        except (ValueError, RuntimeError, KeyError) as error:
-            raise ConfigError(f"{where}: does not fit the model: {error}") from error
-        infos.append(
-            AdapterInfo(
-                id=spec.id,
-                rank=int(config.r),
-                alpha=float(config.lora_alpha),
-                target_modules=tuple(sorted(config.target_modules)),
-                source=str(folder),
-            )
+def read_adapters(model: PreTrainedModel, specs: list[AdapterSpec]) -> list[LoraAdapter]:
+    """Read and check each LoRA adapter against the model (they are applied by the runner, not merged)."""
+    features = LlamaRunner.projection_features(model)
+    adapters = [read_adapter(spec, features, model.config.num_hidden_layers) for spec in specs]
+    for adapter in adapters:
+        logger.info(
+            "loaded adapter",
+            extra={"adapter_id": adapter.info.id, "path": adapter.info.source, "rank": adapter.info.rank},
         )
-        logger.info("loaded adapter", extra={"adapter_id": spec.id, "path": str(folder), "rank": config.r})
-    model.eval()
-    return model, infos
+    return adapters
 
 
-def _check_cache_layout(model: PreTrainedModel) -> None:
-    """The batch runner concatenates plain per-layer key/value tensors; refuse models whose cache is different."""
-    layers = DynamicCache(config=model.config).layers
-    if any(type(layer) is not DynamicLayer for layer in layers):
-        raise ConfigError(
-            f"{type(model).__name__} uses a sliding-window or linear-attention cache, which loraserve cannot batch yet"
-        )
+def _max_sequence_length(model: PreTrainedModel, configured: int) -> int:
+    config = model.config
+    length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    # Within its sliding window, a sliding-window model attends exactly like a full-attention one.
+    window = getattr(config, "sliding_window", None)
+    if window:
+        length = min(length, int(window))
+    return min(length, configured) if configured else length
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -244,12 +222,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if quantization is None:
         model = model.to(device)
     model.eval()
-    _check_cache_layout(model)
+    check_supported(model)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model, adapter_infos = attach_adapters(model, specs)
-    max_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-    if config.max_sequence_length:
-        max_length = min(max_length, config.max_sequence_length)
+    adapters = read_adapters(model, specs)
+    max_length = _max_sequence_length(model, config.max_sequence_length)
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     description = ModelDescription(
@@ -264,9 +240,11 @@ def load_model(config: ModelConfig) -> LoadedModel:
     )
     return LoadedModel(
         model=model,
+        linears=prepare_linears(model),
         tokenizer=tokenizer,
         prompt_format=load_prompt_format(config.prompt_format, tokenizer),
-        adapters=AdapterRegistry(adapter_infos),
+        adapters=AdapterRegistry([a.info for a in adapters]),
+        lora_adapters=tuple(adapters),
         description=description,
         eos_token_ids=eos_ids,
         pad_token_id=pad_id,

@@ -37,11 +37,17 @@ class Sequence:
         max_new_tokens: int,
         stream: RequestStream,
         context: SequenceContext,
+        adapter_index: int = -1,
     ) -> None:
         self.request = request
         self.request_id = request.request_id
         self.prompt_ids = prompt_ids
         self.max_new_tokens = max_new_tokens
+        self.adapter_index = adapter_index  # among the resident adapters; -1 for the base model
+        # KV cache positions this request may fill: its prompt and every token it may generate.
+        self.reservation = min(len(prompt_ids) + max_new_tokens, context.max_sequence_length)
+        self.row: int | None = None  # its KV cache row while it runs
+        self.cached = 0  # tokens whose keys and values are in its row
         self.stream = stream
         self.context = context
         self.generated: list[int] = []
@@ -62,6 +68,11 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.generated[-1]
+
+    @property
+    def prefilled(self) -> bool:
+        """The whole prompt is in the KV cache (and the first token has been sampled from it)."""
+        return self.cached >= len(self.prompt_ids)
 
     def cancel(self) -> None:
         """Ask for the request to end (any thread); the engine acts on it before its next step."""

@@ -269,7 +269,7 @@ class AdapterInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents")
+    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents", "max_prefill_tokens")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,7 @@ class ServerLimits(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_N_FIELD_NUMBER: _ClassVar[int]
     MAX_RAG_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     default_max_new_tokens: int
     max_stop_sequences: int
@@ -286,21 +287,26 @@ class ServerLimits(_message.Message):
     max_queued_requests: int
     max_top_n: int
     max_rag_documents: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ...) -> None: ...
+    max_prefill_tokens: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("active_requests", "queued_requests", "generated_tokens", "completed_requests", "uptime_seconds")
+    __slots__ = ("active_requests", "queued_requests", "generated_tokens", "completed_requests", "uptime_seconds", "kv_cache_tokens", "kv_cache_used_tokens")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     queued_requests: int
     generated_tokens: int
     completed_requests: int
     uptime_seconds: float
-    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., completed_requests: _Optional[int] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    kv_cache_tokens: int
+    kv_cache_used_tokens: int
+    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., completed_requests: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_used_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_source", "architecture", "dtype", "device", "quantization", "max_sequence_length", "vocab_size", "adapters", "server_version", "limits", "stats", "prompt_format")

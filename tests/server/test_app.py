@@ -167,13 +167,13 @@ def test_rag_query_cites_matching_documents_and_admits_ignorance(tiny_server) ->
 def slow_down(running, monkeypatch, seconds_per_step: float = 0.01) -> None:  # type: ignore[no-untyped-def]
     """Make every decode step of the server's engine take a while, so timing-dependent tests are deterministic."""
     runner = running.server.engine._runner
-    decode = runner.decode
+    step = runner.step
 
-    def slow_decode(tokens):  # type: ignore[no-untyped-def]
+    def slow_step(work):  # type: ignore[no-untyped-def]
         time.sleep(seconds_per_step)
-        return decode(tokens)
+        return step(work)
 
-    monkeypatch.setattr(runner, "decode", slow_decode)
+    monkeypatch.setattr(runner, "step", slow_step)
 
 
 def test_deadline_exceeded_frees_the_request(start_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]

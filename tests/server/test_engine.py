@@ -294,11 +294,11 @@ def test_drain_refuses_new_requests_and_finishes_old_ones(make_engine) -> None: 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     engine = make_engine()
     runner = engine._runner
-    real_decode = runner.decode
-    monkeypatch.setattr(runner, "decode", lambda tokens: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="the model failed during decode"):
+    real_step = runner.step
+    monkeypatch.setattr(runner, "step", lambda work: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="the model failed while running this request"):
         engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result()
-    monkeypatch.setattr(runner, "decode", real_decode)
+    monkeypatch.setattr(runner, "step", real_step)
     assert engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result().generated_token_count == 5
     assert engine.alive
 

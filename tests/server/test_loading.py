@@ -110,12 +110,30 @@ def test_adapters_must_be_safetensors_lora_and_unique(
         loading.load_model(ModelConfig(model=str(tiny_model_dir), adapter=twice))
 
 
-def test_an_adapter_for_other_modules_is_refused(
-    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (4, 64)}, "unsupported adapter weight"),
+        ({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": (4, 64)}, "no layer 9 q_proj"),
+        (
+            {
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 128),
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (128, 4),
+            },
+            "q_proj is 64->64",
+        ),
+        ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 64)}, "lacks lora_B"),
+    ],
+)
+def test_an_adapter_for_another_model_is_refused(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path, tensors: dict, message: str
 ) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     foreign = tmp_path / "foreign"
-    shutil.copytree(adapter_dirs["alpha"], foreign)
-    config = json.loads((foreign / "adapter_config.json").read_text())
-    (foreign / "adapter_config.json").write_text(json.dumps(config | {"target_modules": ["c_attn"]}))
-    with pytest.raises(ConfigError, match="does not fit the model"):
+    foreign.mkdir()
+    shutil.copy(adapter_dirs["alpha"] / "adapter_config.json", foreign)
+    save_file({key: torch.zeros(shape) for key, shape in tensors.items()}, foreign / "adapter_model.safetensors")
+    with pytest.raises(ConfigError, match=message):
         loading.load_model(ModelConfig(model=str(tiny_model_dir), adapter=(f"f={foreign}",)))
