@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +24,9 @@ from loraserve.server.servicer import InferenceServicer
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from loraserve.server.engine import Engine
+
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -29,6 +35,15 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 SPARE_RPC_THREADS = 16
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SIGNAL_POLL_S = 0.2
+
+
+@dataclass
+class EngineStartup:
+    """What the engine thread hands back to load(): the running engine, or the error that stopped it."""
+
+    ready: threading.Event = field(default_factory=threading.Event)
+    engine: Engine | None = None
+    error: BaseException | None = None
 
 
 class LoraServer:
@@ -41,7 +56,7 @@ class LoraServer:
         self.server_config = server_config
         self.servicer = InferenceServicer()
         self.health = health.HealthServicer()
-        self.engine = None
+        self.engine: Engine | None = None
         self.port: int | None = None
         self._server: grpc.Server | None = None
 
@@ -73,19 +88,38 @@ class LoraServer:
         return self.port
 
     def load(self) -> None:
-        """Load and warm up the model, then report SERVING."""
-        from loraserve.server.engine import Engine
-        from loraserve.server.loading import load_model
-
-        loaded = load_model(self.model_config)
-        engine = Engine(loaded, self.engine_config, on_failure=self._engine_failed)
-        engine.start()
+        """Load and warm up the model on the engine's own thread, then report SERVING. Every torch op runs on that
+        one thread (see Engine.run); a loading error is raised here."""
+        started = EngineStartup()
+        thread = threading.Thread(target=self._run_engine, args=(started,), name="loraserve-engine", daemon=True)
+        thread.start()
+        started.ready.wait()
+        if started.error is not None:
+            thread.join()
+            raise started.error
+        engine = started.engine
+        assert engine is not None
         self.engine = engine
         self.servicer.attach(engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info(
-            "serving", extra={"model": loaded.description.name, "adapters": [a.id for a in loaded.adapters.infos()]}
+            "serving",
+            extra={"model": engine.loaded.description.name, "adapters": [a.id for a in engine.loaded.adapters.infos()]},
         )
+
+    def _run_engine(self, started: EngineStartup) -> None:
+        from loraserve.server.engine import Engine
+        from loraserve.server.loading import load_model
+
+        try:
+            engine = Engine(load_model(self.model_config), self.engine_config, on_failure=self._engine_failed)
+            engine.warm_up()
+        except BaseException as error:  # handed to load(), which raises it on the caller's thread
+            started.error = error
+            started.ready.set()
+            return
+        started.engine = engine
+        engine.run(on_ready=started.ready.set)
 
     def drain(self) -> None:
         """Report NOT_SERVING and refuse new requests (UNAVAILABLE); requests in flight go on."""

@@ -37,27 +37,27 @@ class Scheduler:
             admitted.append(sequence)
         return admitted
 
-    def release(self, sequence: Sequence, running: Seq[Sequence]) -> None:
-        """Free a finished request's row; the request whose row moved into it learns its new row."""
+    def release(self, sequence: Sequence, holders: Seq[Sequence]) -> None:
+        """Free a finished request's row; whichever of `holders` owned the row that moved into it learns its new row."""
         if sequence.row is None:
             return
         moved_from = self.kv.release(sequence.row)
         if moved_from is not None:
-            for other in running:
+            for other in holders:
                 if other.row == moved_from:
                     other.row = sequence.row
                     break
         sequence.row = None
 
     def plan(self, running: Seq[Sequence]) -> list[tuple[Sequence, RowWork]]:
-        """Every decoding request feeds its last token; prompts are fed in chunks, oldest request first, at most
-        max_prefill_tokens per step, so a long prompt never holds the running streams up for long."""
+        """Every decoding request feeds its last token (in row order); prompts are fed in chunks, oldest request
+        first, at most max_prefill_tokens per step, so a long prompt never holds the running streams up for long."""
         work: list[tuple[Sequence, RowWork]] = []
         budget = self.max_prefill_tokens
-        for sequence in running:
-            if sequence.prefilled:
-                tokens: tuple[int, ...] = (sequence.last_token,)
-                work.append((sequence, RowWork(sequence.row, tokens, sequence.cached, sequence.adapter_index)))
+        decoding = sorted((s for s in running if s.prefilled), key=lambda s: s.row)  # row order: graph-friendly
+        for sequence in decoding:
+            tokens: tuple[int, ...] = (sequence.last_token,)
+            work.append((sequence, RowWork(sequence.row, tokens, sequence.cached, sequence.adapter_index)))
         for sequence in running:
             if sequence.prefilled or budget == 0:
                 continue

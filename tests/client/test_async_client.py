@@ -10,7 +10,7 @@ import pytest
 from loraserve.client import AsyncClient, LoraserveRpcError, StopReason
 
 
-def test_async_client_matches_the_sync_client(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_async_client_matches_the_sync_client(tiny_server) -> None:
     expected = tiny_server.client.generate("Hello", max_new_tokens=8, min_new_tokens=8)
 
     async def main() -> None:
@@ -34,7 +34,7 @@ def test_async_client_matches_the_sync_client(tiny_server) -> None:  # type: ign
     asyncio.run(main())
 
 
-def test_sync_client_rejects_unknown_options(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_sync_client_rejects_unknown_options(tiny_server) -> None:
     with pytest.raises(TypeError, match="unknown option"):
         tiny_server.client.generate("hi", temprature=0.5)
     with pytest.raises(TypeError, match="not available for rag_query"):

@@ -28,7 +28,7 @@ def wait_until_idle(client: Client, timeout: float = 10.0) -> dict[str, float]:
         time.sleep(0.02)
 
 
-def test_generate_and_stream_agree_exactly(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_generate_and_stream_agree_exactly(tiny_server) -> None:
     client = tiny_server.client
     unary = client.generate(messages=USER, max_new_tokens=40, min_new_tokens=40)
     chunks = list(client.stream(messages=USER, max_new_tokens=40, min_new_tokens=40))
@@ -38,7 +38,7 @@ def test_generate_and_stream_agree_exactly(tiny_server) -> None:  # type: ignore
     assert chunks[0].input_token_count == unary.input_token_count == client.tokenize(messages=USER).token_count
 
 
-def test_request_id_is_sent_as_metadata_and_in_the_response(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_request_id_is_sent_as_metadata_and_in_the_response(tiny_server) -> None:
     with grpc.insecure_channel(tiny_server.target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         request = pb.GenerateRequest(prompt="Hello", stopping=pb.StoppingCriteria(max_new_tokens=2))
@@ -47,7 +47,7 @@ def test_request_id_is_sent_as_metadata_and_in_the_response(tiny_server) -> None
     assert len(response.request_id) == 32 and metadata["x-request-id"] == response.request_id
 
 
-def test_correlation_id_is_logged_with_the_request_id(tiny_server, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_correlation_id_is_logged_with_the_request_id(tiny_server, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="loraserve")
     result = tiny_server.client.generate("Hello", max_new_tokens=2, metadata=[("x-correlation-id", "trace-42")])
     received = [r for r in caplog.records if r.getMessage() == "request received" and r.request_id == result.request_id]
@@ -56,7 +56,7 @@ def test_correlation_id_is_logged_with_the_request_id(tiny_server, caplog: pytes
     assert finished and finished[0].generated_tokens == result.generated_token_count
 
 
-def test_adapters_are_chosen_per_request(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_adapters_are_chosen_per_request(tiny_server) -> None:
     client = tiny_server.client
     texts = {
         a: client.generate("Once upon a time", adapter_id=a, max_new_tokens=12, min_new_tokens=12, token_ids=True)
@@ -99,7 +99,7 @@ def test_adapters_are_chosen_per_request(tiny_server) -> None:  # type: ignore[n
     ],
 )
 @pytest.mark.parametrize("rpc", ["generate", "stream"])
-def test_bad_input_gets_its_status_and_the_server_keeps_serving(tiny_server, rpc, kwargs, code, fragment) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_gets_its_status_and_the_server_keeps_serving(tiny_server, rpc, kwargs, code, fragment) -> None:
     client = tiny_server.client
     kwargs = dict(kwargs)  # parametrized values are shared between runs
     prompt = kwargs.pop("prompt", None)
@@ -125,13 +125,13 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(tiny_server, rpc
         (lambda c: c.tokenize(), "text: must not be empty"),
     ],
 )
-def test_bad_rag_and_tokenize_input_is_invalid_argument(tiny_server, call, fragment) -> None:  # type: ignore[no-untyped-def]
+def test_bad_rag_and_tokenize_input_is_invalid_argument(tiny_server, call, fragment) -> None:
     with pytest.raises(LoraserveRpcError) as error:
         call(tiny_server.client)
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.value.details
 
 
-def test_model_info_describes_model_adapters_limits_and_stats(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_model_info_describes_model_adapters_limits_and_stats(tiny_server) -> None:
     client = tiny_server.client
     client.generate("Hello", max_new_tokens=3, min_new_tokens=3)
     info = client.model_info()
@@ -144,14 +144,14 @@ def test_model_info_describes_model_adapters_limits_and_stats(tiny_server) -> No
     assert info.prompt_format == "chat-template" and info.server_version
 
 
-def test_tokenize_returns_tokens_on_request(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_tokenize_returns_tokens_on_request(tiny_server) -> None:
     result = tiny_server.client.tokenize("Hello world", return_tokens=True)
     assert result.token_count == len(result.tokens) == 2
     assert "".join(t.text for t in result.tokens) == "Hello world"
     assert tiny_server.client.tokenize("Hello world").tokens == ()
 
 
-def test_rag_query_cites_matching_documents_and_admits_ignorance(tiny_server) -> None:  # type: ignore[no-untyped-def]
+def test_rag_query_cites_matching_documents_and_admits_ignorance(tiny_server) -> None:
     documents = [
         {"id": "fr", "text": "Paris is the capital of France.", "title": "France", "metadata": {"lang": "en"}},
         {"id": "ba", "text": "Bananas are yellow.", "title": "Bananas"},
@@ -164,19 +164,19 @@ def test_rag_query_cites_matching_documents_and_admits_ignorance(tiny_server) ->
     assert none.text == NO_RELEVANT_DOCUMENTS and none.sources == () and none.generated_token_count == 0
 
 
-def slow_down(running, monkeypatch, seconds_per_step: float = 0.01) -> None:  # type: ignore[no-untyped-def]
+def slow_down(running, monkeypatch, seconds_per_step: float = 0.01) -> None:
     """Make every decode step of the server's engine take a while, so timing-dependent tests are deterministic."""
     runner = running.server.engine._runner
     step = runner.step
 
-    def slow_step(work):  # type: ignore[no-untyped-def]
+    def slow_step(work):
         time.sleep(seconds_per_step)
         return step(work)
 
     monkeypatch.setattr(runner, "step", slow_step)
 
 
-def test_deadline_exceeded_frees_the_request(start_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_deadline_exceeded_frees_the_request(start_server, monkeypatch) -> None:
     running = start_server()
     slow_down(running, monkeypatch)  # 200 tokens take > 2 s; the deadline is 0.3 s
     with pytest.raises(LoraserveRpcError) as error:
@@ -185,7 +185,7 @@ def test_deadline_exceeded_frees_the_request(start_server, monkeypatch) -> None:
     assert wait_until_idle(running.client)["active_requests"] == 0
 
 
-def test_client_cancellation_frees_the_request(start_server, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_client_cancellation_frees_the_request(start_server, monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger="loraserve")
     running = start_server()
     slow_down(running, monkeypatch)
@@ -197,7 +197,7 @@ def test_client_cancellation_frees_the_request(start_server, monkeypatch, caplog
     assert finished[0].stop_reason == "cancelled" and finished[0].generated_tokens < 200
 
 
-def test_full_queue_is_resource_exhausted_and_admitted_requests_finish(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_full_queue_is_resource_exhausted_and_admitted_requests_finish(start_server) -> None:
     running = start_server(max_batch_size=1, max_queued_requests=0)
     stream = running.client.stream("Once", max_new_tokens=30, min_new_tokens=30)
     first = next(stream)
@@ -208,7 +208,7 @@ def test_full_queue_is_resource_exhausted_and_admitted_requests_finish(start_ser
     assert rest[-1].generated_token_count == 30 and first.generated_token_count == 1
 
 
-def test_health_follows_loading_and_draining(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_health_follows_loading_and_draining(start_server) -> None:
     running = start_server(load=False)
     client = running.client
     assert client.health() == "NOT_SERVING"
@@ -232,10 +232,10 @@ def test_health_follows_loading_and_draining(start_server) -> None:  # type: ign
     assert running.server.wait_idle(5)
 
 
-def test_unexpected_errors_are_internal_with_the_request_id(start_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_unexpected_errors_are_internal_with_the_request_id(start_server, monkeypatch) -> None:
     running = start_server()
 
-    def broken_submit(request):  # type: ignore[no-untyped-def]
+    def broken_submit(request):
         raise ZeroDivisionError("secret internals")
 
     monkeypatch.setattr(running.server.engine, "submit", broken_submit)
@@ -247,11 +247,11 @@ def test_unexpected_errors_are_internal_with_the_request_id(start_server, monkey
     assert running.client.health() == "SERVING"
 
 
-def test_a_dead_engine_turns_health_not_serving(start_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_engine_turns_health_not_serving(start_server, monkeypatch) -> None:
     running = start_server()
     engine = running.server.engine
 
-    def broken_admit():  # type: ignore[no-untyped-def]
+    def broken_admit():
         raise SystemError("scheduler bug")
 
     monkeypatch.setattr(engine, "_admit", broken_admit)

@@ -108,8 +108,13 @@ def test_model_info_response_carries_description_adapters_limits_and_stats() -> 
     description = ModelDescription("m", "default", "LlamaForCausalLM", "float32", "cpu", "none", 8192, 49152)
     adapters = [AdapterInfo("alpha", 4, 16.0, ("q_proj", "v_proj"), "/adapters/alpha")]
     stats = EngineStats(
-        active_requests=2, queued_requests=1, generated_tokens=99, completed_requests=5, uptime_seconds=3.5,
-        kv_cache_tokens=1000, kv_cache_used_tokens=256,
+        active_requests=2,
+        queued_requests=1,
+        generated_tokens=99,
+        completed_requests=5,
+        uptime_seconds=3.5,
+        kv_cache_tokens=1000,
+        kv_cache_used_tokens=256,
     )
     info = convert.model_info_response(description, adapters, EngineConfig(), stats, "chat-template", "1.2.3")
     assert (info.model_name, info.max_sequence_length, info.vocab_size) == ("m", 8192, 49152)

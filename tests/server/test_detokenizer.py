@@ -16,7 +16,7 @@ TEXTS = [
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_deltas_are_whole_characters_and_add_up(tokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
+def test_deltas_are_whole_characters_and_add_up(tokenizer, text: str) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     decode = lambda token_ids: tokenizer.decode(token_ids, skip_special_tokens=True)  # noqa: E731
     detokenizer = IncrementalDetokenizer(decode, context_ids=tokenizer.encode("Say:", add_special_tokens=False))
@@ -31,7 +31,7 @@ def test_deltas_are_whole_characters_and_add_up(tokenizer, text: str) -> None:  
         assert splits_characters
 
 
-def test_flush_returns_an_incomplete_character_as_replacement(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_flush_returns_an_incomplete_character_as_replacement(tokenizer) -> None:
     ids = tokenizer.encode("🤖", add_special_tokens=False)
     assert len(ids) > 1, "the test needs a character split over tokens"
     decode = lambda token_ids: tokenizer.decode(token_ids, skip_special_tokens=True)  # noqa: E731

@@ -80,10 +80,10 @@ def exact(n: int) -> StoppingParams:
 
 
 def with_ids(**kwargs: object) -> GenerationRequest:
-    return GenerationRequest(output=OutputOptions(token_ids=True), **kwargs)  # type: ignore[arg-type]
+    return GenerationRequest(output=OutputOptions(token_ids=True), **kwargs)
 
 
-def test_mixed_batch_greedy_equals_generate(make_engine, reference, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
+def test_mixed_batch_greedy_equals_generate(make_engine, reference, tiny_loaded) -> None:
     """Prompts of different lengths and lengths of output, joining at different steps, each equal to generate."""
     engine = make_engine(max_batch_size=4)  # 5 prompts: one has to wait and join when a slot frees
     lengths = [12, 5, 9, 16, 7]
@@ -99,7 +99,7 @@ def test_mixed_batch_greedy_equals_generate(make_engine, reference, tiny_loaded)
         assert result.stop_reason is StopReason.MAX_TOKENS and result.generated_token_count == n
 
 
-def test_adapters_and_base_share_a_batch_and_match_generate(make_engine, reference) -> None:  # type: ignore[no-untyped-def]
+def test_adapters_and_base_share_a_batch_and_match_generate(make_engine, reference) -> None:
     engine = make_engine()
     cases = [("", PROMPTS[0]), ("alpha", PROMPTS[0]), ("beta", PROMPTS[0]), ("alpha", PROMPTS[1]), ("", PROMPTS[3])]
     streams = [engine.submit(with_ids(prompt=p, adapter_id=a, stopping=exact(8))) for a, p in cases]
@@ -112,7 +112,7 @@ def test_adapters_and_base_share_a_batch_and_match_generate(make_engine, referen
     assert len({tuple(outputs[(a, PROMPTS[0])]) for a in ("", "alpha", "beta")}) == 3
 
 
-def test_stream_chunks_add_up_to_the_result(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_stream_chunks_add_up_to_the_result(make_engine) -> None:
     engine = make_engine()
     request = GenerationRequest(prompt=PROMPTS[1], stopping=exact(24))
     chunks = list(engine.submit(request))
@@ -121,7 +121,7 @@ def test_stream_chunks_add_up_to_the_result(make_engine) -> None:  # type: ignor
     assert "".join(c.text for c in chunks) == engine.submit(request).result().text
 
 
-def test_seeded_sampling_repeats_and_reports_its_seed(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_seeded_sampling_repeats_and_reports_its_seed(make_engine) -> None:
     engine = make_engine()
     request = GenerationRequest(
         prompt=PROMPTS[0],
@@ -138,7 +138,7 @@ def test_seeded_sampling_repeats_and_reports_its_seed(make_engine) -> None:  # t
     assert engine.submit(GenerationRequest(prompt="x", stopping=exact(2))).result().seed is None
 
 
-def test_stop_sequences_cut_the_text(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_stop_sequences_cut_the_text(make_engine) -> None:
     engine = make_engine()
     full = engine.submit(GenerationRequest(prompt=PROMPTS[3], stopping=exact(30))).result().text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
@@ -166,7 +166,7 @@ def test_stop_sequences_cut_the_text(make_engine) -> None:  # type: ignore[no-un
     assert streamed == cut.text, "streamed text must never include what the stop sequence cuts"
 
 
-def test_eos_ends_generation_unless_min_new_tokens(make_engine, tiny_loaded) -> None:  # type: ignore[no-untyped-def]
+def test_eos_ends_generation_unless_min_new_tokens(make_engine, tiny_loaded) -> None:
     engine = make_engine()
     first = engine.submit(with_ids(prompt=PROMPTS[0], stopping=exact(3))).result().tokens[0].id
     # Declare the model's first greedy token an end-of-sequence token: the request ends right there...
@@ -182,7 +182,7 @@ def test_eos_ends_generation_unless_min_new_tokens(make_engine, tiny_loaded) -> 
     assert first not in [t.id for t in held.tokens[:4]]
 
 
-def test_time_limit_and_token_limit(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_time_limit_and_token_limit(make_engine) -> None:
     engine = make_engine(max_new_tokens=2048)
     timed = engine.submit(
         GenerationRequest(
@@ -196,7 +196,7 @@ def test_time_limit_and_token_limit(make_engine) -> None:  # type: ignore[no-unt
     assert limited.input_token_count + limited.generated_token_count == 256  # the tiny model's context
 
 
-def test_prompt_too_long_is_refused_unless_truncated(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_prompt_too_long_is_refused_unless_truncated(make_engine) -> None:
     engine = make_engine()
     too_long = " ".join(["word"] * 400)
     with pytest.raises(InvalidRequest, match="truncate_input_tokens") as error:
@@ -234,7 +234,7 @@ def test_prompt_too_long_is_refused_unless_truncated(make_engine) -> None:  # ty
         (GenerationRequest(prompt="x", adapter_id="gamma"), AdapterNotFound, None),
     ],
 )
-def test_requests_beyond_the_limits_are_refused(make_engine, request_, error, field) -> None:  # type: ignore[no-untyped-def]
+def test_requests_beyond_the_limits_are_refused(make_engine, request_, error, field) -> None:
     engine = make_engine(
         max_new_tokens=64, default_max_new_tokens=32, max_stop_sequences=2, max_stop_sequence_length=10, max_top_n=2
     )
@@ -245,7 +245,7 @@ def test_requests_beyond_the_limits_are_refused(make_engine, request_, error, fi
     assert engine.stats().queued_requests == 0
 
 
-def test_cancel_leaves_the_batch_within_a_step(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_leaves_the_batch_within_a_step(make_engine) -> None:
     engine = make_engine()
     other = engine.submit(GenerationRequest(prompt=PROMPTS[1], stopping=exact(40)))
     stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(2000)))
@@ -262,13 +262,13 @@ def test_cancel_leaves_the_batch_within_a_step(make_engine) -> None:  # type: ig
     assert engine.stats().active_requests == 0
 
 
-def test_expired_deadline_ends_the_request(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_expired_deadline_ends_the_request(make_engine) -> None:
     engine = make_engine()
     result = engine.submit(GenerationRequest(prompt="x", deadline=time.monotonic() - 1, stopping=exact(50))).result()
     assert result.stop_reason is StopReason.CANCELLED and result.generated_token_count == 0
 
 
-def test_full_queue_refuses_while_admitted_requests_finish(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_full_queue_refuses_while_admitted_requests_finish(make_engine) -> None:
     engine = make_engine(max_batch_size=1, max_queued_requests=1)
     running = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(30)))
     next(iter(running))  # admitted and decoding
@@ -280,7 +280,7 @@ def test_full_queue_refuses_while_admitted_requests_finish(make_engine) -> None:
     assert waiting.result().generated_token_count == 5
 
 
-def test_drain_refuses_new_requests_and_finishes_old_ones(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_drain_refuses_new_requests_and_finishes_old_ones(make_engine) -> None:
     engine = make_engine()
     stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(20)))
     engine.drain()
@@ -291,7 +291,7 @@ def test_drain_refuses_new_requests_and_finishes_old_ones(make_engine) -> None: 
     assert engine.state is EngineState.DRAINING
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, monkeypatch) -> None:
     engine = make_engine()
     runner = engine._runner
     real_step = runner.step
@@ -303,7 +303,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, m
     assert engine.alive
 
 
-def test_a_dead_engine_fails_everything_and_says_so(tiny_loaded, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_engine_fails_everything_and_says_so(tiny_loaded, monkeypatch) -> None:
     failures: list[BaseException] = []
     engine = Engine(tiny_loaded, EngineConfig(), on_failure=failures.append)
     engine.start()
@@ -325,7 +325,7 @@ def test_a_dead_engine_fails_everything_and_says_so(tiny_loaded, monkeypatch) ->
     engine.stop()
 
 
-def test_token_details_and_input_tokens(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_token_details_and_input_tokens(make_engine) -> None:
     engine = make_engine()
     result = engine.submit(
         GenerationRequest(
@@ -340,8 +340,111 @@ def test_token_details_and_input_tokens(make_engine) -> None:  # type: ignore[no
     assert "".join(t.text for t in result.input_tokens) == PROMPTS[0]
 
 
-def test_tokenize_counts_like_generate(make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_tokenize_counts_like_generate(make_engine) -> None:
     engine = make_engine()
     count, details = engine.tokenize(PROMPTS[1], details=True)
     result = engine.submit(GenerationRequest(prompt=PROMPTS[1], stopping=exact(1))).result()
     assert count == result.input_token_count == len(details)
+
+
+def test_many_requests_finishing_in_one_step_free_their_rows(make_engine, reference) -> None:
+    engine = make_engine()
+    first = [engine.submit(with_ids(prompt=p, stopping=exact(6))) for p in PROMPTS]  # all end in the same step
+    assert all(s.result().generated_token_count == 6 for s in first)
+    again = [engine.submit(with_ids(prompt=p, stopping=exact(5))) for p in PROMPTS]
+    for prompt, stream in zip(PROMPTS, again, strict=True):
+        assert [t.id for t in stream.result().tokens] == reference(engine.tokenization.encode(prompt), 5)
+    assert engine.kv.active_rows == 0
+
+
+def test_long_prompts_are_prefilled_in_chunks(make_engine, reference) -> None:
+    """Prompts longer than max_prefill_tokens join in pieces while another request decodes; outputs stay exact."""
+    engine = make_engine(max_prefill_tokens=16)
+    long_prompt = " ".join(f"word{i}" for i in range(60))
+    runner_calls: list[int] = []
+    step = engine._runner.step
+
+    def counting_step(work):
+        runner_calls.append(sum(len(w.tokens) for w in work if len(w.tokens) > 1))
+        return step(work)
+
+    engine._runner.step = counting_step
+    decoding = engine.submit(with_ids(prompt=PROMPTS[0], stopping=exact(30)))
+    next(iter(decoding))
+    chunked = engine.submit(with_ids(prompt=long_prompt, stopping=exact(8)))
+    ids = engine.tokenization.encode(long_prompt)
+    assert [t.id for t in chunked.result().tokens] == reference(ids, 8)
+    assert [t.id for t in decoding.result().tokens] == reference(engine.tokenization.encode(PROMPTS[0]), 30)[1:]
+    assert max(runner_calls) <= 16 and sum(runner_calls) >= len(ids)
+
+
+def test_the_kv_budget_holds_requests_back_and_is_never_exceeded(make_engine, reference) -> None:
+    # 2048 tokens of cache: with rows 256 wide, 8 rows (one of them the scratch row), so 7 requests at a time.
+    engine = make_engine(kv_cache_memory=str(2048 * engine_bytes_per_token(make_engine)))
+    assert engine.kv.budget_tokens == 2048
+    seen_active: list[int] = []
+    step = engine._runner.step
+
+    def observing_step(work):
+        seen_active.append(engine.kv.active_rows)
+        assert engine.kv.active_rows * engine.kv.row_length <= engine.kv.budget_tokens
+        return step(work)
+
+    engine._runner.step = observing_step
+    streams = [engine.submit(with_ids(prompt=f"{i} {PROMPTS[i % 5]}", stopping=exact(12))) for i in range(12)]
+    for i, stream in enumerate(streams):
+        ids = engine.tokenization.encode(f"{i} {PROMPTS[i % 5]}")
+        assert [t.id for t in stream.result().tokens] == reference(ids, 12)
+    assert max(seen_active) == 7
+
+
+def engine_bytes_per_token(make_engine) -> int:
+    return make_engine().kv.shape.bytes_per_token
+
+
+def test_a_long_request_widens_the_cache_rows_without_corrupting_others(
+    make_engine, reference, tiny_model_config
+) -> None:
+    engine = make_engine(loaded=load_model(dataclasses.replace(tiny_model_config, max_sequence_length=1024)))
+    short = [engine.submit(with_ids(prompt=p, stopping=exact(40))) for p in PROMPTS[:3]]
+    for stream in short:
+        next(iter(stream))
+    assert engine.kv.row_length == 256
+    long_prompt = " ".join(["token"] * 120)  # 120 prompt tokens + 150 new > 256: the rows must widen
+    long = engine.submit(with_ids(prompt=long_prompt, stopping=exact(130)))
+    assert [t.id for t in long.result().tokens] == reference(engine.tokenization.encode(long_prompt), 130)
+    for prompt, stream in zip(PROMPTS[:3], short, strict=True):
+        assert [t.id for t in stream.result().tokens] == reference(engine.tokenization.encode(prompt), 40)[1:]
+
+
+def test_a_request_larger_than_the_cache_is_refused(make_engine, tiny_model_config) -> None:
+    long_context = load_model(dataclasses.replace(tiny_model_config, max_sequence_length=1024))
+    engine = make_engine(loaded=long_context, kv_cache_memory=str(512 * engine_bytes_per_token(make_engine)))
+    with pytest.raises(InvalidRequest, match="more than the KV cache can hold") as error:
+        engine.submit(GenerationRequest(prompt="hello", stopping=StoppingParams(max_new_tokens=300)))
+    assert error.value.field == "stopping.max_new_tokens"
+
+
+def test_fixed_shape_decode_steps_match_generate(make_engine, reference) -> None:
+    """The padded, bucketed decode path that CUDA graphs replay gives the same tokens (run eagerly on a CPU)."""
+    from loraserve.server.cuda_graphs import DecodeGraphs
+
+    engine = make_engine(max_batch_size=6)
+    graphs = DecodeGraphs(engine._runner, max_batch_size=6, capture=False)
+    used: list[int] = []
+    graph_step = graphs.step
+
+    def counting(work):
+        logits = graph_step(work)
+        used.append(logits is not None)
+        return logits
+
+    graphs.step = counting
+    engine._runner.graphs = graphs
+    cases = [("", PROMPTS[0]), ("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("", PROMPTS[4]), ("alpha", PROMPTS[3])]
+    streams = [
+        engine.submit(with_ids(prompt=p, adapter_id=a, stopping=exact(10 + i))) for i, (a, p) in enumerate(cases)
+    ]
+    for i, ((adapter, prompt), stream) in enumerate(zip(cases, streams, strict=True)):
+        assert [t.id for t in stream.result().tokens] == reference(engine.tokenization.encode(prompt), 10 + i, adapter)
+    assert sum(used) > 5, "most decode steps went through the fixed-shape path"

@@ -32,7 +32,7 @@ from loraserve.server.params import GenerationRequest, OutputOptions, SamplingPa
         (lambda: GenerationRequest(messages=(Message("bot", "b"),)), "messages[0].role"),
     ],
 )
-def test_invalid_values_name_their_field(make, field: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_values_name_their_field(make, field: str) -> None:
     with pytest.raises(InvalidRequest) as error:
         make()
     assert error.value.field == field

@@ -48,7 +48,7 @@ def test_nothing_relevant_means_no_sources(query: str) -> None:
 
 
 def test_no_relevant_documents_answers_without_generating() -> None:
-    def submit(request: GenerationRequest):  # type: ignore[no-untyped-def]
+    def submit(request: GenerationRequest):
         raise AssertionError("nothing should be generated")
 
     result = answer(RagQuery("quantum chromodynamics", DOCUMENTS), submit)

@@ -14,7 +14,7 @@ CPU = torch.device("cpu")
 
 
 def row(**params: float) -> RowStep:
-    return RowStep(sampler=RowSampler.create(SamplingParams(**params), CPU))  # type: ignore[arg-type]
+    return RowStep(sampler=RowSampler.create(SamplingParams(**params), CPU))
 
 
 def test_greedy_rows_take_the_argmax() -> None:
