@@ -347,8 +347,6 @@ class Engine:
             if was_active:
                 self._active -= len(sequences)
             self._cond.notify_all()
-        for sequence in sequences:
-            _log_finished(sequence)
 
     def _fail_step(self, sequences: list[GenerationSequence], error: Exception) -> None:
         """A step raised: fail its requests, free their rows, keep serving the others."""
@@ -373,20 +371,3 @@ class Engine:
             sequence.fail(Unavailable("the engine stopped; the server is unhealthy"))
         if self._on_failure is not None:
             self._on_failure(error)
-
-
-def _log_finished(sequence: GenerationSequence) -> None:
-    now = time.monotonic()
-    first = sequence.first_token_at
-    logger.info(
-        "request finished",
-        extra={
-            "request_id": sequence.request_id,
-            "adapter_id": sequence.request.adapter_id,
-            "stop_reason": sequence.stop_reason.value if sequence.stop_reason else "error",
-            "input_tokens": len(sequence.prompt_ids),
-            "generated_tokens": len(sequence.generated),
-            "time_to_first_token_s": round(first - sequence.arrival, 4) if first else None,
-            "duration_s": round(now - sequence.arrival, 4),
-        },
-    )

@@ -3,6 +3,7 @@ stream its chunks go to."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from loraserve.server.request_stream import RequestStream
 from loraserve.server.sampling import RowSampler, RowStep
 from loraserve.server.stopping import StopMatch, StopSequenceMatcher
 from loraserve.server.tokenization import Tokenization
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class Sequence:
         end = match.end if match is not None else len(self._text)
         self.finished = True
         self.stop_reason = reason
+        self._log_finished()
         self._emit(self._text[self._emitted : end], details, reason, match.sequence if match else "")
         self._emitted = end
 
@@ -140,9 +144,20 @@ class Sequence:
         self.finished = True
         self.stream.put(error)
 
-    @property
-    def text(self) -> str:
-        return self._text[: self._emitted]
+    def _log_finished(self) -> None:
+        first = self.first_token_at
+        logger.info(
+            "request finished",
+            extra={
+                "request_id": self.request_id,
+                "adapter_id": self.request.adapter_id,
+                "stop_reason": self.stop_reason.value if self.stop_reason else None,
+                "input_tokens": len(self.prompt_ids),
+                "generated_tokens": len(self.generated),
+                "time_to_first_token_s": round(first - self.arrival, 4) if first else None,
+                "duration_s": round(time.monotonic() - self.arrival, 4),
+            },
+        )
 
     def _token_details(
         self, token_id: int, logprob: float | None, top: list[tuple[int, float]]
