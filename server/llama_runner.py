@@ -188,6 +188,7 @@ class LlamaRunner:
             step.adapters,
             partial(self._mixed_attention, step=step),
             step.logit_index,
+            uses_lora=any(w.adapter >= 0 for w in work),
         )
 
     @torch.inference_mode()
@@ -224,13 +225,15 @@ class LlamaRunner:
         adapters: torch.Tensor,
         attend: Attention,
         logit_index: torch.Tensor | None,
+        uses_lora: bool = True,
     ) -> torch.Tensor:
         """Embed, run every layer (writing each token's key and value at (write_rows, positions) of the cache, then
-        `attend`), and return the logits of the tokens at logit_index (all tokens when None). All inputs: [T]."""
+        `attend`), and return the logits of the tokens at logit_index (all tokens when None). All inputs: [T].
+        uses_lora=False skips the adapters when no token has one."""
         hidden = self.decoder.embed_tokens(token_ids)  # [T, hidden]
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])  # [1, T, head_dim] each
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]: broadcast over heads
-        lora_rows = self.lora.row_masks(adapters) if self.lora else {}
+        lora_rows = self.lora.row_masks(adapters) if self.lora and uses_lora else {}
         for index, layer in enumerate(self.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, lora_rows, write_rows, positions, attend)
         last = hidden if logit_index is None else hidden[logit_index]
@@ -238,7 +241,7 @@ class LlamaRunner:
 
     def _project(self, index: int, name: str, x: torch.Tensor, lora_rows: dict[int, torch.Tensor]) -> torch.Tensor:
         out = self.linears[(index, name)](x)
-        bank = self.lora.get(index, name) if self.lora else None
+        bank = self.lora.get(index, name) if lora_rows else None
         if bank is not None:
             out = out + bank(x, lora_rows[bank.rank])
         return out
