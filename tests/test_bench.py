@@ -1,0 +1,72 @@
+"""The benchmark scripts keep working: each runs end to end on a tiny model and writes its figures. (They measure
+nothing here; the figures in the README come from full runs.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_throughput_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run(
+        "bench/throughput.py",
+        "--model",
+        str(tiny_model_dir),
+        "--levels",
+        "1",
+        "3",
+        "--new-tokens",
+        "4",
+        "--prompt-tokens",
+        "16",
+        "--requests-per-stream",
+        "1",
+        "--sequential-requests",
+        "1",
+        "--adapters",
+        "2",
+        "--adapter-rank",
+        "4",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "throughput-cpu.json").read_text())
+    names = {(r["name"], r["concurrency"]) for r in summary["results"]}
+    assert names >= {
+        ("server", 1),
+        ("server", 3),
+        ("server, 2 adapters mixed", 3),
+        ("hf sequential", 1),
+        ("hf static batch", 3),
+    }
+    assert {"server_3_vs_hf_static_3", "server_1_vs_hf_generate", "mixed_adapters_vs_base"} <= set(summary["ratios"])
+    server = [r for r in summary["results"] if r["name"] == "server"]
+    assert all(r["generated_tokens"] == r["requests"] * 4 and r["mean_input_tokens"] > 0 for r in server)
+    assert summary["machine"]["cpu_cores"] and (tmp_path / "throughput-cpu.png").stat().st_size > 0
+
+
+def test_gpu_script_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
+    result = run("bench/gpu.py", "--tiny", "--streams", "4", "--new-tokens", "8", "--rank", "4", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "gpu-tiny-cpu.json").read_text())
+    for key in (
+        "batch1_tok_s",
+        "batch1_lora_tok_s",
+        "streams4_tok_s",
+        "streams4_4_adapters_tok_s",
+        "lora_cost_batch1",
+        "lora_cost_mixed",
+        "hf_batch1_tok_s",
+        "roofline_batch1_tok_s",
+    ):
+        assert key in figures
+    assert figures["batch1_tok_s"] > 0 and figures["streams4_tok_s"] > 0
