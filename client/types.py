@@ -271,6 +271,7 @@ class AdapterInfo:
     alpha: float
     target_modules: tuple[str, ...]
     source: str
+    prompt_format: str = ""
 
 
 @dataclass(frozen=True)

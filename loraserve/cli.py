@@ -10,17 +10,25 @@ from collections.abc import Sequence
 from loraserve import __version__
 from loraserve.client import commands as client_commands
 from loraserve.client.types import LoraserveRpcError
-from loraserve.config import ClientConfig, EngineConfig, ModelConfig, ServerConfig, add_options, from_namespace
+from loraserve.config import (
+    ClientConfig,
+    EngineConfig,
+    LogConfig,
+    ModelConfig,
+    ServerConfig,
+    add_options,
+    from_namespace,
+)
 from loraserve.errors import ConfigError
+from loraserve.logs import configure_logging_from
+from loraserve.trainer.commands import add_commands as add_trainer_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from loraserve.logs import configure_logging
-
     server_config = from_namespace(ServerConfig, args)
     model_config = from_namespace(ModelConfig, args)
     engine_config = from_namespace(EngineConfig, args)
-    configure_logging(server_config.log_level, server_config.log_format)
+    configure_logging_from(args)
     from loraserve.server.app import serve
 
     return serve(model_config, engine_config, server_config)
@@ -36,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC server", description="Run the gRPC inference server.")
-    for config_cls in (ModelConfig, EngineConfig, ServerConfig):
+    for config_cls in (ModelConfig, EngineConfig, ServerConfig, LogConfig):
         add_options(serve, config_cls)
     serve.set_defaults(handler=_serve)
 
@@ -71,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize = client_parser("tokenize", "count the tokens of a text")
     tokenize.add_argument("text", help="the text")
     tokenize.add_argument("--tokens", action="store_true", help="also list the tokens")
+
+    add_trainer_commands(commands)
 
     health = client_parser("health", "check health; exit 0 only when SERVING (for container health checks)")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")

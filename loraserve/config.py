@@ -86,8 +86,17 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type[Any]) -> None:
         group.add_argument(flag_name(f), **kwargs)
 
 
-def from_namespace(config_cls: type[T], namespace: argparse.Namespace) -> T:
-    """Build config_cls from parsed flags, then environment variables, then defaults."""
+def from_namespace(
+    config_cls: type[T],
+    namespace: argparse.Namespace,
+    file_values: dict[str, Any] | None = None,
+    file_name: str = "the config file",
+) -> T:
+    """Build config_cls from parsed flags, then environment variables, then a config file's values, then defaults."""
+    known = {f.name for f in fields(config_cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(file_values or {}) - known)
+    if unknown:
+        raise ConfigError(f"{file_name}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
     values: dict[str, Any] = {}
     for f in fields(config_cls):  # type: ignore[arg-type]
         given = getattr(namespace, f.name, None)
@@ -100,7 +109,32 @@ def from_namespace(config_cls: type[T], namespace: argparse.Namespace) -> T:
             if choices and from_env not in choices:
                 raise ConfigError(f"{env_name(f)}={from_env!r}: choose one of {', '.join(choices)}")
             values[f.name] = from_env
+        elif file_values and f.name in file_values:
+            values[f.name] = _from_file(f, file_values[f.name], file_name)
     return config_cls(**values)
+
+
+def _from_file(f: Field[Any], value: Any, file_name: str) -> Any:
+    """A config file's value, checked against the field's type (a YAML list becomes a tuple)."""
+    default = f.default
+    if isinstance(default, tuple):
+        value = tuple(value) if isinstance(value, list) else tuple(str(value).split(","))
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{file_name}: {f.name} must be true or false, got {value!r}")
+    elif isinstance(default, (int, float)) and not isinstance(value, bool):
+        try:
+            value = type(default)(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{file_name}: {f.name} must be a {type(default).__name__}, got {value!r}") from None
+    elif isinstance(value, list):  # a YAML list for a comma-separated option
+        value = ",".join(str(item) for item in value)
+    else:
+        value = str(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{file_name}: {f.name}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def from_env(config_cls: type[T]) -> T:
@@ -133,7 +167,7 @@ def parse_size(text: str) -> int | None:
     return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
 
 
-def _require(condition: bool, flag: str, message: str) -> None:
+def require(condition: bool, flag: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"--{flag.replace('_', '-')} {message}")
 
@@ -177,9 +211,9 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.max_sequence_length >= 0, "max_sequence_length", f"must be >= 0, got {self.max_sequence_length}")
+        require(self.max_sequence_length >= 0, "max_sequence_length", f"must be >= 0, got {self.max_sequence_length}")
         for spec in self.adapter:
-            _require("=" in spec, "adapter", f"takes NAME=PATH, got {spec!r}")
+            require("=" in spec, "adapter", f"takes NAME=PATH, got {spec!r}")
 
 
 @dataclass(frozen=True)
@@ -212,15 +246,15 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_prefill_tokens", "default_max_new_tokens", "max_new_tokens"):
-            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_queued_requests", "max_stop_sequences", "max_stop_sequence_length", "max_top_n"):
-            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        _require(self.max_rag_documents >= 1, "max_rag_documents", f"must be >= 1, got {self.max_rag_documents}")
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.max_rag_documents >= 1, "max_rag_documents", f"must be >= 1, got {self.max_rag_documents}")
         try:
             parse_size(self.kv_cache_memory)
         except ValueError as error:
             raise ConfigError(f"--kv-cache-memory: {error}") from None
-        _require(
+        require(
             self.default_max_new_tokens <= self.max_new_tokens,
             "default_max_new_tokens",
             f"({self.default_max_new_tokens}) must not exceed --max-new-tokens ({self.max_new_tokens})",
@@ -242,13 +276,19 @@ class ServerConfig:
     grace_period: float = option(
         30.0, "Seconds in-flight requests get to finish after SIGTERM before they are cancelled.", metavar="SECONDS"
     )
-    log_level: str = option("info", "Log level.", choices=("debug", "info", "warning", "error"))
-    log_format: str = option("json", "Log format: one JSON object per line, or plain text.", choices=("json", "text"))
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
-        _require(self.grpc_workers >= 0, "grpc_workers", f"must be >= 0, got {self.grpc_workers}")
-        _require(self.grace_period >= 0, "grace_period", f"must be >= 0, got {self.grace_period}")
+        require(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
+        require(self.grpc_workers >= 0, "grpc_workers", f"must be >= 0, got {self.grpc_workers}")
+        require(self.grace_period >= 0, "grace_period", f"must be >= 0, got {self.grace_period}")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """What is logged, and how."""
+
+    log_level: str = option("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    log_format: str = option("json", "Log format: one JSON object per line, or plain text.", choices=("json", "text"))
 
 
 @dataclass(frozen=True)
@@ -259,4 +299,4 @@ class ClientConfig:
     timeout: float = option(120.0, "Deadline of each call, in seconds.", metavar="SECONDS")
 
     def __post_init__(self) -> None:
-        _require(self.timeout > 0, "timeout", f"must be > 0, got {self.timeout}")
+        require(self.timeout > 0, "timeout", f"must be > 0, got {self.timeout}")

@@ -3,6 +3,7 @@ request_id that code passes with `extra=`."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -47,3 +48,11 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def configure_logging_from(args: argparse.Namespace) -> None:
+    """configure_logging with the command's --log-level and --log-format (or their LORASERVE_* variables)."""
+    from loraserve.config import LogConfig, from_namespace
+
+    config = from_namespace(LogConfig, args)
+    configure_logging(config.log_level, config.log_format)

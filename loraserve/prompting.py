@@ -27,9 +27,10 @@ class Message:
 
 
 class ChatTokenizer(Protocol):
-    """The part of a Hugging Face tokenizer the chat-template format needs."""
+    """The part of a Hugging Face tokenizer the prompt formats need."""
 
     chat_template: Any
+    eos_token: Any
 
     def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
 
@@ -50,20 +51,49 @@ def validate_messages(messages: Sequence[Message], field: str = "messages") -> N
             raise InvalidRequest("must not be empty", field=f"{field}[{i}].content")
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered conversation: an assistant turn (what training learns), or the context before one."""
+
+    text: str
+    assistant: bool
+
+
 class PromptFormat(ABC):
     """Renders a conversation to the exact text the model sees."""
 
     name: str
+    # Whether the tokenizer should add its own special tokens (BOS) when encoding the rendered text.
+    adds_special_tokens: bool
 
     @abstractmethod
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The conversation as model text; add_generation_prompt appends the opening of the assistant's turn."""
+
+    def segments(self, messages: Sequence[Message]) -> list[Segment]:
+        """The conversation cut at assistant turns. Joined, the segments are render(messages) exactly, and the text
+        before each assistant turn is exactly the prompt the server renders to have that turn generated: what the
+        trainer learns from is what the server serves."""
+        segments: list[Segment] = []
+        done = ""
+        for i, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            full = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise ValueError(f"the {self.name} prompt format does not render a conversation turn by turn")
+            segments += [Segment(prompt[len(done) :], False), Segment(full[len(prompt) :], True)]
+            done = full
+        rest = self.render(messages, add_generation_prompt=False)[len(done) :]
+        return [*segments, Segment(rest, False)] if rest else segments
 
 
 class ChatTemplateFormat(PromptFormat):
     """The tokenizer's own chat template (e.g. ChatML for SmolLM2-Instruct)."""
 
     name = "chat-template"
+    adds_special_tokens = False  # the template writes its special tokens itself
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         if not tokenizer.chat_template:
@@ -78,9 +108,14 @@ class ChatTemplateFormat(PromptFormat):
 
 
 class HumanAssistantFormat(PromptFormat):
-    """The prototype's "### Human: / ### Assistant:" format; a system message becomes a leading paragraph."""
+    """The prototype's "### Human: / ### Assistant:" format; a system message becomes a leading paragraph, and each
+    assistant turn ends with end_of_turn (the tokenizer's EOS token), which is what teaches a model to stop."""
 
     name = "human-assistant"
+    adds_special_tokens = True
+
+    def __init__(self, end_of_turn: str = "") -> None:
+        self.end_of_turn = end_of_turn
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         parts = []
@@ -90,7 +125,7 @@ class HumanAssistantFormat(PromptFormat):
             elif message.role == "user":
                 parts.append(f"{HUMAN_TAG} {message.content}\n")
             else:
-                parts.append(f"{ASSISTANT_TAG} {message.content}\n")
+                parts.append(f"{ASSISTANT_TAG} {message.content}{self.end_of_turn}\n")
         if add_generation_prompt:
             parts.append(ASSISTANT_TAG)
         return "".join(parts)
@@ -102,4 +137,4 @@ def load_prompt_format(name: str, tokenizer: ChatTokenizer) -> PromptFormat:
         raise ValueError(f"unknown prompt format {name!r}; use one of {', '.join(PROMPT_FORMATS)}")
     if name == "chat-template" or (name == "auto" and tokenizer.chat_template):
         return ChatTemplateFormat(tokenizer)
-    return HumanAssistantFormat()
+    return HumanAssistantFormat(end_of_turn=tokenizer.eos_token or "")

@@ -45,6 +45,7 @@ class AdapterInfo:
     alpha: float
     target_modules: tuple[str, ...]
     source: str
+    prompt_format: str = ""  # the format it was trained with (loraserve.json); "" = the server's
 
 
 class AdapterRegistry:

@@ -226,7 +226,14 @@ def model_info_response(
         max_sequence_length=description.max_sequence_length,
         vocab_size=description.vocab_size,
         adapters=[
-            pb.AdapterInfo(id=a.id, rank=a.rank, alpha=a.alpha, target_modules=list(a.target_modules), source=a.source)
+            pb.AdapterInfo(
+                id=a.id,
+                rank=a.rank,
+                alpha=a.alpha,
+                target_modules=list(a.target_modules),
+                source=a.source,
+                prompt_format=a.prompt_format,
+            )
             for a in adapters
         ],
         server_version=version,

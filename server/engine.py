@@ -21,7 +21,7 @@ import torch
 
 from loraserve.config import EngineConfig, parse_size
 from loraserve.errors import ConfigError, InvalidRequest, QueueFull, Unavailable
-from loraserve.prompting import Message
+from loraserve.prompting import Message, load_prompt_format
 from loraserve.server.cuda_graphs import DecodeGraphs
 from loraserve.server.kv_cache import KVCache, budget_bytes
 from loraserve.server.llama_runner import LlamaRunner, RowWork
@@ -72,7 +72,12 @@ class Engine:
     ) -> None:
         self.loaded = loaded
         self.config = config
-        self.tokenization = Tokenization(loaded.tokenizer, loaded.prompt_format)
+        adapter_formats = {
+            a.id: load_prompt_format(a.prompt_format, loaded.tokenizer)
+            for a in loaded.adapters.infos()
+            if a.prompt_format
+        }
+        self.tokenization = Tokenization(loaded.tokenizer, loaded.prompt_format, adapter_formats)
         self._on_failure = on_failure
         self.max_sequence_length = loaded.description.max_sequence_length
         self.kv = self._kv_cache(loaded, config)

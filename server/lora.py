@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from loraserve.errors import ConfigError
+from loraserve.prompting import PROMPT_FORMATS
 from loraserve.server.adapters import AdapterInfo, AdapterSpec
 
 # The projections of a LLaMA-family decoder layer that an adapter may change.
@@ -96,9 +97,25 @@ def read_adapter(spec: AdapterSpec, projections: dict[str, tuple[int, int]], num
         deltas[(layer, projection)] = _delta(config, pair, layer, projection, projections[projection], where)
     targets = tuple(sorted({projection for _, projection in deltas}))
     info = AdapterInfo(
-        id=spec.id, rank=int(config["r"]), alpha=float(config["lora_alpha"]), target_modules=targets, source=str(folder)
+        id=spec.id,
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        target_modules=targets,
+        source=str(folder),
+        prompt_format=_trained_prompt_format(folder, where),
     )
     return LoraAdapter(info=info, deltas=deltas)
+
+
+def _trained_prompt_format(folder: Path, where: str) -> str:
+    """The prompt format a `loraserve train` adapter was trained with (its loraserve.json), or "" if unknown."""
+    settings = folder / "loraserve.json"
+    if not settings.is_file():
+        return ""
+    name = json.loads(settings.read_text()).get("prompt_format", "")
+    if name not in PROMPT_FORMATS:
+        raise ConfigError(f"{where}: loraserve.json names an unknown prompt format {name!r}")
+    return name
 
 
 def _delta(

@@ -48,7 +48,7 @@ def check_limits(request: GenerationRequest, config: EngineConfig) -> int:
 
 def prompt_ids(request: GenerationRequest, tokenization: Tokenization, max_sequence_length: int) -> list[int]:
     """The prompt's tokens, truncated from the left when asked; refused when they leave no room to generate."""
-    ids = tokenization.encode(request.prompt, request.messages)
+    ids = tokenization.encode(request.prompt, request.messages, request.adapter_id)
     field = "messages" if request.messages else "prompt"
     if not ids:
         raise InvalidRequest("encodes to no tokens", field)

@@ -13,19 +13,26 @@ from loraserve.server.outputs import TokenDetail
 
 
 class Tokenization:
-    """Thread-safe prompt encoding and token decoding for one tokenizer and prompt format."""
+    """Thread-safe prompt encoding and token decoding for one tokenizer. Messages are rendered with the server's
+    prompt format, or with the one an adapter was trained with."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_format: PromptFormat,
+        adapter_formats: dict[str, PromptFormat] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
+        self.adapter_formats = adapter_formats or {}
         self._lock = threading.Lock()
 
-    def encode(self, prompt: str = "", messages: Sequence[Message] = ()) -> list[int]:
+    def encode(self, prompt: str = "", messages: Sequence[Message] = (), adapter_id: str = "") -> list[int]:
         """Token ids of a raw prompt, or of messages rendered with the prompt format (assistant turn opened)."""
         if messages:
-            text = self.prompt_format.render(messages, add_generation_prompt=True)
-            # A chat template writes its special tokens itself; the tokenizer must not add them again.
-            add_special = self.prompt_format.name != "chat-template"
+            prompt_format = self.adapter_formats.get(adapter_id, self.prompt_format)
+            text = prompt_format.render(messages, add_generation_prompt=True)
+            add_special = prompt_format.adds_special_tokens
         else:
             text, add_special = prompt, True
         with self._lock:

@@ -15,6 +15,11 @@ from loraserve.prompting import (
 )
 
 
+def test_human_assistant_ends_assistant_turns_with_the_end_of_turn_token() -> None:
+    text = HumanAssistantFormat(end_of_turn="</s>").render([Message("user", "Hi"), Message("assistant", "Yo")])
+    assert text == "### Human: Hi\n### Assistant: Yo</s>\n### Assistant:"
+
+
 def test_human_assistant_renders_the_prototype_format() -> None:
     messages = [
         Message("system", "Be brief."),
@@ -44,6 +49,7 @@ def test_auto_prefers_the_chat_template_and_falls_back(tokenizer) -> None:
 
     class NoTemplate:
         chat_template = None
+        eos_token = "</s>"
 
     assert load_prompt_format("auto", NoTemplate()).name == "human-assistant"
     with pytest.raises(ValueError, match="no chat template"):
@@ -72,3 +78,24 @@ def test_to_messages_accepts_mappings_and_messages() -> None:
         Message("user", "a"),
         Message("assistant", "b"),
     )
+
+
+CONVERSATION = [
+    Message("system", "Be brief."),
+    Message("user", "Hi"),
+    Message("assistant", "Hello!"),
+    Message("user", "Capital of France?"),
+    Message("assistant", "Paris."),
+]
+
+
+@pytest.mark.parametrize("fmt", ["chat-template", "human-assistant"])
+def test_segments_add_up_to_the_rendering_and_each_prompt_is_what_the_server_sends(tokenizer, fmt: str) -> None:
+    prompt_format = load_prompt_format(fmt, tokenizer)
+    segments = prompt_format.segments(CONVERSATION)
+    assert "".join(s.text for s in segments) == prompt_format.render(CONVERSATION, add_generation_prompt=False)
+    assert [s.assistant for s in segments] == [False, True, False, True]
+    # The text before the second assistant turn is exactly the server's prompt for that turn.
+    served = prompt_format.render(CONVERSATION[:4], add_generation_prompt=True)
+    assert "".join(s.text for s in segments[:3]) == served
+    assert segments[3].text.startswith(("Paris.", " Paris.")) and tokenizer.eos_token in segments[3].text

@@ -255,18 +255,20 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("id", "rank", "alpha", "target_modules", "source")
+    __slots__ = ("id", "rank", "alpha", "target_modules", "source", "prompt_format")
     ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     id: str
     rank: int
     alpha: float
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     source: str
-    def __init__(self, id: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
+    prompt_format: str
+    def __init__(self, id: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., prompt_format: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents", "max_prefill_tokens")

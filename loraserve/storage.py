@@ -1,0 +1,180 @@
+"""Adapter artifacts in S3, shared by `loraserve adapter push/pull` and the server.
+
+Layout under s3://bucket/prefix/:
+  <version>/<file>         every file of the adapter folder
+  <version>/manifest.json  written last: a version without it is an incomplete upload and is never used
+  latest                   the newest complete version's name; one PUT, so readers see the old or the new one
+Every file's sha256 is in the manifest; a download is checked against it before it is moved into place, so a
+corrupted object is refused and nothing half-written is left behind. Credentials come from the standard AWS chain
+(environment, shared config, instance or task role); AWS_ENDPOINT_URL points at an S3-compatible endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraserve.errors import ConfigError, LoraserveError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+PARALLEL_TRANSFERS = 8
+
+
+class StorageError(LoraserveError):
+    """An artifact cannot be stored or fetched: missing, incomplete, corrupted, or S3 unreachable."""
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
+            raise ConfigError(f"{uri!r} is not an S3 location; write s3://bucket/prefix")
+        bucket, _, prefix = uri[5:].partition("/")
+        return cls(bucket, prefix.strip("/"))
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def s3_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _call(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run an S3 call; turn botocore's errors into StorageError naming what was being done."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return function(*args, **kwargs)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        raise StorageError(f"{what}: {code or error}") from None
+    except BotoCoreError as error:
+        raise StorageError(f"{what}: S3 unreachable after retries ({error})") from None
+
+
+def push(folder: Path, location: S3Location, version: str | None = None, client: Any = None) -> str:
+    """Upload a complete adapter folder (one with a manifest) as a new version; return the version."""
+    client = client or s3_client()
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise StorageError(f"{folder}: no {MANIFEST}; push the adapter folder a `loraserve train` run wrote")
+    manifest = json.loads(manifest_path.read_text())
+    files: dict[str, str] = manifest.get("files", {})
+    for name, expected in files.items():
+        if sha256_file(folder / name) != expected:
+            raise StorageError(f"{folder / name}: does not match its sha256 in {MANIFEST}; the folder was changed")
+    version = version or manifest.get("run_id") or sha256_bytes(json.dumps(files, sort_keys=True).encode())[:16]
+
+    def upload(name: str) -> None:
+        _call(
+            f"uploading {name} to {location}",
+            client.upload_file,
+            str(folder / name),
+            location.bucket,
+            location.key(version, name),
+            ExtraArgs={"Metadata": {"sha256": files[name]}},
+        )
+
+    with ThreadPoolExecutor(PARALLEL_TRANSFERS) as pool:
+        list(pool.map(upload, files))
+    _call(
+        f"uploading {MANIFEST}",
+        client.upload_file,
+        str(manifest_path),
+        location.bucket,
+        location.key(version, MANIFEST),
+    )
+    _call("updating latest", client.put_object, Bucket=location.bucket, Key=location.key(LATEST), Body=version.encode())
+    logger.info("pushed adapter", extra={"location": str(location), "version": version, "files": len(files)})
+    return version
+
+
+def resolve_version(location: S3Location, version: str | None, client: Any) -> str:
+    if version:
+        return version
+    response = _call(
+        f"reading {location}/{LATEST} (no version given)",
+        client.get_object,
+        Bucket=location.bucket,
+        Key=location.key(LATEST),
+    )
+    return response["Body"].read().decode().strip()
+
+
+def pull(location: S3Location, destination: Path, version: str | None = None, client: Any = None) -> Path:
+    """Download a version (default: latest), verify every file's sha256, then move it into `destination`."""
+    client = client or s3_client()
+    version = resolve_version(location, version, client)
+    body = _call(
+        f"{location}/{version} is not a complete upload (no {MANIFEST})",
+        client.get_object,
+        Bucket=location.bucket,
+        Key=location.key(version, MANIFEST),
+    )["Body"].read()
+    manifest = json.loads(body)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.partial-"))
+    try:
+
+        def download(item: tuple[str, str]) -> None:
+            name, expected = item
+            target = staging / name
+            _call(
+                f"downloading {location}/{version}/{name}",
+                client.download_file,
+                location.bucket,
+                location.key(version, name),
+                str(target),
+            )
+            actual = sha256_file(target)
+            if actual != expected:
+                raise StorageError(
+                    f"{location}/{version}/{name} is corrupted: sha256 {actual}, the manifest "
+                    f"says {expected}; nothing was written"
+                )
+
+        with ThreadPoolExecutor(PARALLEL_TRANSFERS) as pool:
+            list(pool.map(download, manifest["files"].items()))
+        (staging / MANIFEST).write_bytes(body)
+        if destination.exists():
+            shutil.rmtree(destination)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("pulled adapter", extra={"location": str(location), "version": version, "path": str(destination)})
+    return destination
