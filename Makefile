@@ -3,6 +3,7 @@
 #
 #   make serve     set up .venv and run the server on the default model (SmolLM2-135M-Instruct) on port 50051
 #   make test      set up .venv and node_modules, lint, and run the whole test suite (what CI runs)
+#   make train-demo   validate the example data, fine-tune the default model on it (CPU, ~2 minutes), serve the adapter
 #   make protos    regenerate loraserve/v1 after editing protos/
 #   make release-protos   record the current contract as released (buf breaking checks against it)
 
@@ -14,7 +15,7 @@ BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.loraserve-installed
 NODE_STAMP := node_modules/.loraserve-installed
 
-.PHONY: setup serve test lint protos release-protos clean
+.PHONY: setup serve test lint train-demo protos release-protos clean
 
 $(PY_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("loraserve needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -34,6 +35,11 @@ setup: $(PY_STAMP)
 
 serve: $(PY_STAMP)
 	$(BIN)/loraserve serve
+
+train-demo: $(PY_STAMP)
+	$(BIN)/loraserve data validate examples/pirate-assistant.json --rejected runs/pirate-rejected.jsonl
+	$(BIN)/loraserve train --config examples/train-demo.yaml --log-format text
+	$(BIN)/loraserve serve --adapter pirate=runs/pirate/adapter
 
 lint: $(PY_STAMP)
 	$(BIN)/ruff check .

@@ -70,3 +70,10 @@ def test_gpu_script_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
     ):
         assert key in figures
     assert figures["batch1_tok_s"] > 0 and figures["streams4_tok_s"] > 0
+
+
+def test_training_gpu_script_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
+    result = run("bench/train_gpu.py", "--tiny", "--steps", "2", "--length", "32", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "train-gpu-tiny-cpu.json").read_text())
+    assert figures["lora"]["tokens_per_s"] > 0 and figures["qlora"].startswith("skipped")

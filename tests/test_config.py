@@ -9,7 +9,16 @@ from dataclasses import fields
 import pytest
 
 from loraserve.cli import build_parser
-from loraserve.config import EngineConfig, ModelConfig, ServerConfig, add_options, env_name, flag_name, from_namespace
+from loraserve.config import (
+    EngineConfig,
+    LogConfig,
+    ModelConfig,
+    ServerConfig,
+    add_options,
+    env_name,
+    flag_name,
+    from_namespace,
+)
 from loraserve.errors import ConfigError
 
 
@@ -68,7 +77,7 @@ def test_serve_help_explains_every_option(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     text = capsys.readouterr().out
-    for config_cls in (ModelConfig, EngineConfig, ServerConfig):
+    for config_cls in (ModelConfig, EngineConfig, ServerConfig, LogConfig):
         for f in fields(config_cls):
             assert flag_name(f) in text
             assert env_name(f) in text

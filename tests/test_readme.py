@@ -7,7 +7,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from loraserve.config import EngineConfig, ModelConfig, ServerConfig, flag_name
+from loraserve.config import EngineConfig, LogConfig, ModelConfig, ServerConfig, flag_name
+from loraserve.trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -26,7 +27,9 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert script.strip().splitlines()[-1] == "make test"
 
 
-def test_every_server_option_is_in_the_readme() -> None:
-    for config_cls in (ModelConfig, EngineConfig, ServerConfig):
+def test_every_option_is_in_the_readme() -> None:
+    for config_cls in (ModelConfig, EngineConfig, ServerConfig, LogConfig):
         for f in fields(config_cls):
             assert f"`{flag_name(f)}`" in README, f"{flag_name(f)} is not documented"
+    for f in fields(TrainConfig):  # the train table lists YAML keys; the flags are the keys with dashes
+        assert f"`{f.name}`" in README or f"`{flag_name(f)}`" in README, f"train key {f.name} is not documented"
