@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraserve.config import EngineConfig
-from loraserve.server.adapters import AdapterRegistry, AdapterSpec
+from loraserve.server.adapters import AdapterSpec
 from loraserve.server.engine import Engine
 from loraserve.server.llama_runner import LlamaRunner, prepare_linears
 from loraserve.server.loading import LoadedModel, ModelDescription, default_gguf_path
@@ -133,7 +133,6 @@ def loaded_model(model, tok, adapters: list[Path]) -> LoadedModel:  # type: igno
         linears=prepare_linears(model),
         tokenizer=tok,
         prompt_format=HumanAssistantFormat(),
-        adapters=AdapterRegistry([a.info for a in lora]),
         lora_adapters=tuple(lora),
         description=description,
         eos_token_ids=frozenset(),

@@ -191,6 +191,14 @@ class ModelConfig:
         "the environment variable takes a comma-separated list.",
         metavar="NAME=PATH",
     )
+    adapter_root: str = option(
+        "",
+        "Folder LoadAdapter may read local adapters from (relative paths; nothing outside it); empty: none.",
+        metavar="DIR",
+    )
+    adapter_buckets: tuple[str, ...] = option(
+        (), "S3 buckets (or bucket/prefix) LoadAdapter may read adapters from; repeatable.", metavar="BUCKET[/PREFIX]"
+    )
     device: str = option("auto", "Where the model runs; auto picks cuda when present.", choices=("auto", "cpu", "cuda"))
     dtype: str = option(
         "auto",
@@ -237,6 +245,11 @@ class EngineConfig:
         metavar="SIZE",
     )
     cuda_graphs: bool = option(True, "Replay decode steps as captured CUDA graphs (CUDA only).")
+    max_adapters: int = option(
+        16,
+        "Most LoRA adapters resident at once; loading another unloads the least recently used idle one.",
+        metavar="N",
+    )
     default_max_new_tokens: int = option(256, "max_new_tokens for requests that leave it unset.", metavar="N")
     max_new_tokens: int = option(2048, "Largest max_new_tokens a request may ask for.", metavar="N")
     max_stop_sequences: int = option(8, "Most stop sequences per request.", metavar="N")
@@ -250,6 +263,7 @@ class EngineConfig:
         for name in ("max_queued_requests", "max_stop_sequences", "max_stop_sequence_length", "max_top_n"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         require(self.max_rag_documents >= 1, "max_rag_documents", f"must be >= 1, got {self.max_rag_documents}")
+        require(self.max_adapters >= 1, "max_adapters", f"must be >= 1, got {self.max_adapters}")
         try:
             parse_size(self.kv_cache_memory)
         except ValueError as error:

@@ -27,6 +27,14 @@ class AdapterNotFound(LoraserveError):
         self.adapter_id = adapter_id
 
 
+class AlreadyExists(LoraserveError):
+    """The thing to create exists already (an adapter id that is loaded)."""
+
+
+class PermissionDenied(LoraserveError):
+    """The request is understood but not allowed (a path outside the adapter root, a bucket not allowed)."""
+
+
 class QueueFull(LoraserveError):
     """The engine's waiting queue is at its limit; the client should retry later."""
 

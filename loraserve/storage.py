@@ -32,7 +32,19 @@ PARALLEL_TRANSFERS = 8
 
 
 class StorageError(LoraserveError):
-    """An artifact cannot be stored or fetched: missing, incomplete, corrupted, or S3 unreachable."""
+    """An artifact cannot be stored or fetched."""
+
+
+class ArtifactNotFound(StorageError):
+    """No such bucket, version, or complete upload."""
+
+
+class ArtifactCorrupted(StorageError):
+    """A file does not match the sha256 in its manifest."""
+
+
+class StorageUnavailable(StorageError):
+    """S3 could not be reached, even after retries with backoff."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +94,20 @@ def _call(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code", "")
-        raise StorageError(f"{what}: {code or error}") from None
+        missing = code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound")
+        raise (ArtifactNotFound if missing else StorageError)(f"{what}: {code or error}") from None
     except BotoCoreError as error:
-        raise StorageError(f"{what}: S3 unreachable after retries ({error})") from None
+        raise StorageUnavailable(f"{what}: S3 unreachable after retries ({error})") from None
+
+
+def write_manifest(folder: Path, kind: str) -> None:
+    """Give a folder (a model, say) the manifest of sha256 checksums that push and pull rely on."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
 
 
 def push(folder: Path, location: S3Location, version: str | None = None, client: Any = None) -> str:
-    """Upload a complete adapter folder (one with a manifest) as a new version; return the version."""
+    """Upload a complete folder (one with a manifest) as a new version; return the version."""
     client = client or s3_client()
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -136,6 +155,18 @@ def resolve_version(location: S3Location, version: str | None, client: Any) -> s
     return response["Body"].read().decode().strip()
 
 
+def fetch(location: S3Location, cache: Path, version: str | None = None, client: Any = None) -> tuple[Path, str]:
+    """The local copy of a version (default: latest) under cache/s3/bucket/prefix/version, downloaded only when it is
+    not there yet: a cached folder was verified before it was moved into place."""
+    client = client or s3_client()
+    version = resolve_version(location, version, client)
+    target = cache.expanduser() / "s3" / location.bucket / location.prefix / version
+    if (target / MANIFEST).is_file():
+        logger.info("using cached artifact", extra={"location": str(location), "version": version})
+        return target, version
+    return pull(location, target, version, client), version
+
+
 def pull(location: S3Location, destination: Path, version: str | None = None, client: Any = None) -> Path:
     """Download a version (default: latest), verify every file's sha256, then move it into `destination`."""
     client = client or s3_client()
@@ -163,7 +194,7 @@ def pull(location: S3Location, destination: Path, version: str | None = None, cl
             )
             actual = sha256_file(target)
             if actual != expected:
-                raise StorageError(
+                raise ArtifactCorrupted(
                     f"{location}/{version}/{name} is corrupted: sha256 {actual}, the manifest "
                     f"says {expected}; nothing was written"
                 )

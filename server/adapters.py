@@ -1,11 +1,11 @@
-"""LoRA adapters: the id rules, the registry of loaded adapters, and what ModelInfo reports about each."""
+"""LoRA adapters as requests and ModelInfo see them: the id rules, the start-up spec, what is reported of each."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from loraserve.errors import AdapterNotFound, ConfigError, InvalidRequest
+from loraserve.errors import ConfigError
 
 # Ids are names, never paths: no separators, no "..", so an id can never reach outside an adapter root.
 ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -46,26 +46,5 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     source: str
     prompt_format: str = ""  # the format it was trained with (loraserve.json); "" = the server's
-
-
-class AdapterRegistry:
-    """The adapters resident in the model; resolves a request's adapter_id."""
-
-    def __init__(self, adapters: list[AdapterInfo]) -> None:
-        self._adapters = {a.id: a for a in adapters}
-
-    def resolve(self, adapter_id: str) -> str:
-        """The adapter to use ("" for the base model); raises for a malformed or unknown id."""
-        if not adapter_id:
-            return ""
-        if not is_valid_adapter_id(adapter_id):
-            raise InvalidRequest(f"{adapter_id!r} is not a valid adapter id: use {adapter_id_rule()}", "adapter_id")
-        if adapter_id not in self._adapters:
-            raise AdapterNotFound(adapter_id, list(self._adapters))
-        return adapter_id
-
-    def infos(self) -> list[AdapterInfo]:
-        return list(self._adapters.values())
-
-    def __bool__(self) -> bool:
-        return bool(self._adapters)
+    active_requests: int = 0
+    version: str = ""  # the S3 version it came from

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.config import EngineConfig, ModelConfig, ServerConfig
-from loraserve.server.servicer import InferenceServicer
+from loraserve.server.servicer import AdapterServicer, InferenceServicer
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+ADAPTER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
 # Leave room above the engine's capacity so health checks and ModelInfo always find a free thread.
 SPARE_RPC_THREADS = 16
@@ -55,6 +56,7 @@ class LoraServer:
         self.engine_config = engine_config
         self.server_config = server_config
         self.servicer = InferenceServicer()
+        self.adapter_servicer = AdapterServicer(model_config)
         self.health = health.HealthServicer()
         self.engine: Engine | None = None
         self.port: int | None = None
@@ -74,9 +76,15 @@ class LoraServer:
             ],
         )
         pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
+        pb_grpc.add_AdapterServiceServicer_to_server(self.adapter_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                ADAPTER_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         address = f"{self.server_config.host}:{self.server_config.port}"
@@ -101,10 +109,11 @@ class LoraServer:
         assert engine is not None
         self.engine = engine
         self.servicer.attach(engine)
+        self.adapter_servicer.attach(engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "serving",
-            extra={"model": engine.loaded.description.name, "adapters": [a.id for a in engine.loaded.adapters.infos()]},
+            extra={"model": engine.loaded.description.name, "adapters": [a.id for a in engine.adapters.infos()]},
         )
 
     def _run_engine(self, started: EngineStartup) -> None:

@@ -208,6 +208,19 @@ def tokenize_response(count: int, details: tuple[TokenDetail, ...]) -> pb.Tokeni
     return pb.TokenizeResponse(token_count=count, tokens=[token_info(t) for t in details])
 
 
+def adapter_info(adapter: AdapterInfo) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        id=adapter.id,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        target_modules=list(adapter.target_modules),
+        source=adapter.source,
+        prompt_format=adapter.prompt_format,
+        active_requests=adapter.active_requests,
+        version=adapter.version,
+    )
+
+
 def model_info_response(
     description: ModelDescription,
     adapters: list[AdapterInfo],
@@ -225,17 +238,7 @@ def model_info_response(
         quantization=description.quantization,
         max_sequence_length=description.max_sequence_length,
         vocab_size=description.vocab_size,
-        adapters=[
-            pb.AdapterInfo(
-                id=a.id,
-                rank=a.rank,
-                alpha=a.alpha,
-                target_modules=list(a.target_modules),
-                source=a.source,
-                prompt_format=a.prompt_format,
-            )
-            for a in adapters
-        ],
+        adapters=[adapter_info(a) for a in adapters],
         server_version=version,
         limits=server_limits(config),
         stats=pb.ServerStats(

@@ -62,6 +62,10 @@ class DecodeGraphs:
         self._layout_version = runner.kv.layout_version
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
+    def invalidate(self) -> None:
+        """Drop every captured graph (the LoRA banks they read were replaced)."""
+        self._statics.clear()
+
     def step(self, work: Sequence[RowWork]) -> torch.Tensor | None:
         """The logits of a decode-only step in which row i decodes work[i]; None when the step does not qualify."""
         kv = self.runner.kv

@@ -16,16 +16,19 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from loraserve.config import EngineConfig, parse_size
 from loraserve.errors import ConfigError, InvalidRequest, QueueFull, Unavailable
 from loraserve.prompting import Message, load_prompt_format
+from loraserve.server.adapter_registry import AdapterRegistry, LoadOutcome
+from loraserve.server.adapters import AdapterSpec
 from loraserve.server.cuda_graphs import DecodeGraphs
 from loraserve.server.kv_cache import KVCache, budget_bytes
 from loraserve.server.llama_runner import LlamaRunner, RowWork
-from loraserve.server.loading import LoadedModel
+from loraserve.server.loading import LoadedModel, read_adapter_from
 from loraserve.server.lora import LoraBanks
 from loraserve.server.outputs import StopReason, TokenDetail
 from loraserve.server.params import GenerationRequest
@@ -72,20 +75,24 @@ class Engine:
     ) -> None:
         self.loaded = loaded
         self.config = config
-        adapter_formats = {
-            a.id: load_prompt_format(a.prompt_format, loaded.tokenizer)
-            for a in loaded.adapters.infos()
-            if a.prompt_format
-        }
-        self.tokenization = Tokenization(loaded.tokenizer, loaded.prompt_format, adapter_formats)
+        if len(loaded.lora_adapters) > config.max_adapters:
+            raise ConfigError(
+                f"--adapter: {len(loaded.lora_adapters)} adapters, more than --max-adapters {config.max_adapters}"
+            )
+        self._cond = threading.Condition()
+        self.adapters = AdapterRegistry(list(loaded.lora_adapters), config.max_adapters, self._cond)
+        self.tokenization = Tokenization(loaded.tokenizer, loaded.prompt_format)
         self._on_failure = on_failure
         self.max_sequence_length = loaded.description.max_sequence_length
         self.kv = self._kv_cache(loaded, config)
-        lora = self._lora_banks(loaded)
-        self._runner = LlamaRunner(loaded.model, loaded.linears, self.kv, lora)
+        self._runner = LlamaRunner(loaded.model, loaded.linears, self.kv, None)
+        self._graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self._runner.device.type == "cuda" and loaded.description.quantization == "none":
-            self._runner.graphs = DecodeGraphs(self._runner, config.max_batch_size, capture=True)
-        self._adapter_index = lora.index if lora is not None else {}
+            self._graphs = DecodeGraphs(self._runner, config.max_batch_size, capture=True)
+        self._waiting: deque[GenerationSequence] = deque()
+        self._running: list[GenerationSequence] = []  # in admission order; each owns a KV cache row
+        self._adapter_index: dict[str, int] = {}
+        self._use_resident_adapters()
         self._scheduler = Scheduler(self.kv, config.max_batch_size, config.max_prefill_tokens)
         self._context = SequenceContext(
             tokenization=self.tokenization,
@@ -93,9 +100,6 @@ class Engine:
             max_sequence_length=self.max_sequence_length,
             device=self._runner.device,
         )
-        self._cond = threading.Condition()
-        self._waiting: deque[GenerationSequence] = deque()
-        self._running: list[GenerationSequence] = []  # in admission order; each owns a KV cache row
         self._by_id: dict[str, GenerationSequence] = {}
         self._active = 0
         self._generated_tokens = 0
@@ -114,18 +118,26 @@ class Engine:
         except ValueError as error:
             raise ConfigError(f"--kv-cache-memory {config.kv_cache_memory}: {error}") from None
 
-    @staticmethod
-    def _lora_banks(loaded: LoadedModel) -> LoraBanks | None:
-        if not loaded.lora_adapters:
-            return None
-        features = LlamaRunner.projection_features(loaded.model)
-        return LoraBanks(
-            list(loaded.lora_adapters),
-            features,
-            loaded.model.config.num_hidden_layers,
-            loaded.model.dtype,
-            loaded.model.device,
-        )
+    def _use_resident_adapters(self) -> None:
+        """Rebuild the LoRA banks, prompt formats and adapter indices from the resident adapters (engine thread)."""
+        resident = self.adapters.resident()
+        model = self.loaded.model
+        banks = None
+        if resident:
+            features = LlamaRunner.projection_features(model)
+            banks = LoraBanks(resident, features, model.config.num_hidden_layers, model.dtype, model.device)
+        self._runner.lora = banks
+        if self._graphs is not None:
+            self._graphs.invalidate()  # captured graphs read the old banks
+        self._adapter_index = banks.index if banks is not None else {}
+        self.tokenization.adapter_formats = {
+            a.info.id: load_prompt_format(a.info.prompt_format, self.loaded.tokenizer)
+            for a in resident
+            if a.info.prompt_format
+        }
+        with self._cond:
+            for sequence in [*self._running, *self._waiting]:
+                sequence.adapter_index = self._adapter_index.get(sequence.request.adapter_id, -1)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -189,10 +201,10 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate, tokenize and queue a request; its output arrives on the returned stream."""
-        self._check_accepting()
+        self.check_accepting()
         if not request.request_id:
             request = replace(request, request_id=uuid.uuid4().hex)
-        adapter = self.loaded.adapters.resolve(request.adapter_id)
+        adapter = self.adapters.resolve(request.adapter_id)
         prepared = prepare(request, self.config, self.tokenization, self.max_sequence_length)
         stream = RequestStream(request.request_id, self.cancel, lambda: self.alive)
         sequence = GenerationSequence(
@@ -201,7 +213,6 @@ class Engine:
             prepared.max_new_tokens,
             stream,
             self._context,
-            self._adapter_index.get(adapter, -1),
         )
         if not self.kv.fits(sequence.reservation):
             raise InvalidRequest(
@@ -210,13 +221,15 @@ class Engine:
                 "stopping.max_new_tokens",
             )
         with self._cond:
-            self._check_accepting()
+            self.check_accepting()
             free_slots = self.config.max_batch_size - self._active
             if len(self._waiting) >= self.config.max_queued_requests + max(free_slots, 0):
                 raise QueueFull(
                     f"the server is at capacity ({self._active} requests running, {len(self._waiting)} waiting, "
                     f"max_queued_requests={self.config.max_queued_requests}); retry later"
                 )
+            self.adapters.acquire(adapter)  # raises if it was unloaded since resolve()
+            sequence.adapter_index = self._adapter_index.get(adapter, -1)
             self._waiting.append(sequence)
             self._by_id[request.request_id] = sequence
             self._cond.notify_all()
@@ -242,6 +255,32 @@ class Engine:
                 kv_cache_used_tokens=self.kv.active_rows * self.kv.row_length,
             )
 
+    def load_adapter(self, spec: AdapterSpec, cache: Path, version: str | None, timeout: float | None) -> LoadOutcome:
+        """Read an adapter here (file and network I/O stay off the engine thread), then have the engine thread make
+        it resident between two steps."""
+        self.check_accepting()
+        where = f"adapter {spec.id} ({spec.path})"
+        try:
+            adapter = read_adapter_from(spec, self.loaded.model, cache, version, where)
+        except ConfigError as error:
+            raise InvalidRequest(str(error)) from None
+        outcome = self.adapters.request_load(adapter).result(timeout)
+        logger.info(
+            "adapter loaded",
+            extra={
+                "adapter_id": spec.id,
+                "source": spec.path,
+                "evicted": outcome.evicted,
+                "version": adapter.info.version,
+            },
+        )
+        return outcome
+
+    def unload_adapter(self, adapter_id: str, timeout: float | None) -> None:
+        """Stop new requests for the adapter, wait for its running ones, then free it."""
+        self.adapters.request_unload(adapter_id).result(timeout)
+        logger.info("adapter unloaded", extra={"adapter_id": adapter_id})
+
     def tokenize(
         self, text: str = "", messages: Sequence[Message] = (), details: bool = False
     ) -> tuple[int, tuple[TokenDetail, ...]]:
@@ -249,7 +288,8 @@ class Engine:
         ids = self.tokenization.encode(text, messages)
         return len(ids), self.tokenization.details(ids) if details else ()
 
-    def _check_accepting(self) -> None:
+    def check_accepting(self) -> None:
+        """Raise Unavailable unless the engine takes new requests."""
         if self._state is EngineState.DRAINING or self._state is EngineState.STOPPED:
             raise Unavailable("the server is shutting down and takes no new requests; retry on another replica")
         if self._state is not EngineState.RUNNING:
@@ -261,13 +301,20 @@ class Engine:
         """One prefill and one decode step, so the first request does not pay for lazy initialisation."""
         ids = self.tokenization.encode("Hello")
         row = self.kv.admit(len(ids) + 1)
-        logits = self._runner.step([RowWork(row, ids, 0)])
-        self._runner.step([RowWork(row, (int(logits[0].argmax()),), len(ids))])
+        logits = self._forward([RowWork(row, ids, 0)])
+        self._forward([RowWork(row, (int(logits[0].argmax()),), len(ids))])
         self.kv.release(row)
+
+    def _forward(self, work: list[RowWork]) -> torch.Tensor:
+        """One step on the model: a decode-only step through a captured CUDA graph when one applies."""
+        logits = self._graphs.step(work) if self._graphs is not None else None
+        return logits if logits is not None else self._runner.step(work)
 
     def _loop(self) -> None:
         try:
             while True:
+                if self.adapters.apply_pending():
+                    self._use_resident_adapters()
                 admitted = self._admit()
                 if admitted is None:
                     return
@@ -283,7 +330,12 @@ class Engine:
         Returns None when the engine stops."""
         expired: list[tuple[GenerationSequence, StopReason]] = []
         with self._cond:
-            while not self._waiting and not self._running and self._state is not EngineState.STOPPED:
+            while (
+                not self._waiting
+                and not self._running
+                and self._state is not EngineState.STOPPED
+                and not self.adapters.has_pending()
+            ):
                 self._cond.wait()
             if self._state is EngineState.STOPPED:
                 return None
@@ -311,7 +363,7 @@ class Engine:
     def _step(self, work: list[tuple[GenerationSequence, RowWork]]) -> None:
         """Run one forward pass for the planned work; sample for the requests that produced logits."""
         try:
-            logits = self._runner.step([row_work for _, row_work in work])
+            logits = self._forward([row_work for _, row_work in work])
         except Exception as error:
             self._fail_step([sequence for sequence, _ in work], error)
             return
@@ -348,6 +400,7 @@ class Engine:
         with self._cond:
             for sequence in sequences:
                 self._by_id.pop(sequence.request_id, None)
+                self.adapters.release(sequence.request.adapter_id)
             self._completed += len(sequences)
             if was_active:
                 self._active -= len(sequences)
@@ -374,5 +427,6 @@ class Engine:
             self._cond.notify_all()
         for sequence in pending:
             sequence.fail(Unavailable("the engine stopped; the server is unhealthy"))
+        self.adapters.fail_pending(Unavailable("the engine stopped; the server is unhealthy"))
         if self._on_failure is not None:
             self._on_failure(error)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +21,6 @@ from loraserve.errors import ConfigError
 from loraserve.server import cpu_linear
 from loraserve.server.kv_cache import CacheShape, KVCache
 from loraserve.server.lora import LoraBanks
-
-if TYPE_CHECKING:
-    from loraserve.server.cuda_graphs import DecodeGraphs
 
 # attend(q [T, heads, head_dim], keys, values [rows, kv_heads, width, head_dim]) -> context [T, heads, head_dim]
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -117,7 +113,6 @@ class LlamaRunner:
         self.kv = kv_cache
         self.lora = lora if lora else None
         self.device = model.device
-        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA
         self.num_heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -176,10 +171,6 @@ class LlamaRunner:
     @torch.inference_mode()
     def step(self, work: Sequence[RowWork]) -> torch.Tensor:
         """Run one step; return the next-token logits [R, V] of the work items that want them, in their order."""
-        if self.graphs is not None:
-            logits = self.graphs.step(work)
-            if logits is not None:
-                return logits
         step = self.pack(work)
         return self.run_layers(
             step.token_ids,

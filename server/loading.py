@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
 from loraserve.prompting import PromptFormat, load_prompt_format
-from loraserve.server.adapters import AdapterRegistry, AdapterSpec
+from loraserve.server.adapters import AdapterSpec
 from loraserve.server.llama_runner import Linear, LlamaRunner, check_supported, prepare_linears
 from loraserve.server.lora import LoraAdapter, read_adapter
+from loraserve.storage import S3Location, StorageError, fetch
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ class LoadedModel:
     linears: dict[tuple[int, str], Linear]  # the runner's projections (prepacked on a CPU)
     tokenizer: PreTrainedTokenizerBase
     prompt_format: PromptFormat
-    adapters: AdapterRegistry
-    lora_adapters: tuple[LoraAdapter, ...]
+    lora_adapters: tuple[LoraAdapter, ...]  # the adapters given at start
     description: ModelDescription
     eos_token_ids: frozenset[int]
     pad_token_id: int
@@ -81,6 +81,13 @@ def resolve_model_folder(source: str, cache_dir: Path) -> tuple[Path, str]:
     """A local Hugging Face folder for `source`, and the model's display name."""
     if source == "default":
         return converted_gguf_folder(default_gguf_path(), cache_dir), DEFAULT_MODEL_NAME
+    if source.startswith("s3://"):
+        location = S3Location.parse(source)
+        try:
+            folder, version = fetch_s3(location, cache_dir, None, f"--model {source}")
+        except StorageError as error:
+            raise ConfigError(str(error)) from None
+        return folder, f"{location.prefix.rsplit('/', 1)[-1] or location.bucket}@{version}"
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -167,16 +174,38 @@ def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> 
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def read_adapters(model: PreTrainedModel, specs: list[AdapterSpec]) -> list[LoraAdapter]:
-    """Read and check each LoRA adapter against the model (they are applied by the runner, not merged)."""
+def fetch_s3(location: S3Location, cache_dir: Path, version: str | None, where: str) -> tuple[Path, str]:
+    """A verified local copy of an S3 artifact (downloaded once per version); errors name the option."""
+    try:
+        return fetch(location, cache_dir, version)
+    except StorageError as error:
+        raise type(error)(f"{where}: {error}") from None
+
+
+def read_adapter_from(
+    spec: AdapterSpec, model: PreTrainedModel, cache_dir: Path, version: str | None = None, where: str = ""
+) -> LoraAdapter:
+    """Read and check one LoRA adapter (a local folder or s3://) against the model; it is applied by the runner,
+    not merged into the weights. Errors start with `where` (default: the --adapter flag)."""
     features = LlamaRunner.projection_features(model)
-    adapters = [read_adapter(spec, features, model.config.num_hidden_layers) for spec in specs]
-    for adapter in adapters:
-        logger.info(
-            "loaded adapter",
-            extra={"adapter_id": adapter.info.id, "path": adapter.info.source, "rank": adapter.info.rank},
-        )
-    return adapters
+    where = where or f"--adapter {spec.id}={spec.path}"
+    s3_version = ""
+    if spec.path.startswith("s3://"):
+        folder, s3_version = fetch_s3(S3Location.parse(spec.path), cache_dir, version, where)
+        spec = AdapterSpec(spec.id, str(folder))
+    adapter = read_adapter(spec, features, model.config.num_hidden_layers, where)
+    if s3_version:
+        adapter = replace(adapter, info=replace(adapter.info, version=s3_version))
+    logger.info(
+        "read adapter",
+        extra={
+            "adapter_id": adapter.info.id,
+            "path": adapter.info.source,
+            "rank": adapter.info.rank,
+            "version": s3_version,
+        },
+    )
+    return adapter
 
 
 def _max_sequence_length(model: PreTrainedModel, configured: int) -> int:
@@ -224,7 +253,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
     model.eval()
     check_supported(model)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    adapters = read_adapters(model, specs)
+    try:
+        adapters = [read_adapter_from(spec, model, Path(config.model_cache)) for spec in specs]
+    except StorageError as error:
+        raise ConfigError(str(error)) from None
     max_length = _max_sequence_length(model, config.max_sequence_length)
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
@@ -243,7 +275,6 @@ def load_model(config: ModelConfig) -> LoadedModel:
         linears=prepare_linears(model),
         tokenizer=tokenizer,
         prompt_format=load_prompt_format(config.prompt_format, tokenizer),
-        adapters=AdapterRegistry([a.info for a in adapters]),
         lora_adapters=tuple(adapters),
         description=description,
         eos_token_ids=eos_ids,

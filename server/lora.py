@@ -69,10 +69,13 @@ def _check_supported(config: dict, where: str) -> None:
         raise ConfigError(f"{where}: adapters that train biases (bias={config['bias']!r}) are not supported")
 
 
-def read_adapter(spec: AdapterSpec, projections: dict[str, tuple[int, int]], num_layers: int) -> LoraAdapter:
-    """Read and check a PEFT LoRA folder against the model: projection name -> (in_features, out_features)."""
+def read_adapter(
+    spec: AdapterSpec, projections: dict[str, tuple[int, int]], num_layers: int, where: str = ""
+) -> LoraAdapter:
+    """Read and check a PEFT LoRA folder against the model: projection name -> (in_features, out_features).
+    Errors start with `where` (default: the --adapter flag)."""
     folder = Path(spec.path).expanduser()
-    where = f"--adapter {spec.id}={spec.path}"
+    where = where or f"--adapter {spec.id}={spec.path}"
     if not (folder / "adapter_config.json").is_file():
         raise ConfigError(f"{where}: no adapter_config.json there")
     weights = folder / "adapter_model.safetensors"

@@ -1,17 +1,20 @@
-"""The InferenceService servicer: one short method per RPC (request id, convert, submit, translate, return).
-No tensors here; the engine does the work."""
+"""The servicers of InferenceService and AdapterService: one short method per RPC (request id, convert, submit,
+translate, return). No tensors here; the engine does the work."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
 from loraserve import __version__
+from loraserve.config import ModelConfig
 from loraserve.errors import Unavailable
 from loraserve.server import convert, rag
+from loraserve.server.adapter_sources import resolve_source
 from loraserve.server.status import rpc_method
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
@@ -33,8 +36,8 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return time.monotonic() + remaining if remaining is not None else None
 
 
-class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    """Serves loraserve.v1.InferenceService on an engine attached once the model is loaded."""
+class EngineHolder:
+    """The engine, attached once the model is loaded; UNAVAILABLE until then."""
 
     def __init__(self) -> None:
         self._engine: Engine | None = None
@@ -47,6 +50,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if self._engine is None:
             raise Unavailable("the model is still loading; retry in a moment")
         return self._engine
+
+
+class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
+    """Serves loraserve.v1.InferenceService."""
+
+    @rpc_method
+    def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext, request_id: str) -> pb.ReadyResponse:
+        self.engine.check_accepting()
+        return pb.ReadyResponse()
 
     @rpc_method
     def Generate(
@@ -83,7 +95,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         engine = self.engine
         return convert.model_info_response(
             engine.loaded.description,
-            engine.loaded.adapters.infos(),
+            engine.adapters.infos(),
             engine.config,
             engine.stats(),
             engine.loaded.prompt_format.name,
@@ -97,3 +109,37 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         text, messages, return_tokens = convert.tokenize_request(request)
         count, details = self.engine.tokenize(text, messages, details=return_tokens)
         return convert.tokenize_response(count, details)
+
+
+class AdapterServicer(EngineHolder, pb_grpc.AdapterServiceServicer):
+    """Serves loraserve.v1.AdapterService: adapters loaded and unloaded while the server runs."""
+
+    def __init__(self, model_config: ModelConfig) -> None:
+        super().__init__()
+        self.model_config = model_config
+
+    @rpc_method
+    def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.LoadAdapterResponse:
+        config = self.model_config
+        spec = resolve_source(request.adapter_id, request.source, config.adapter_root, config.adapter_buckets)
+        version = request.version if request.HasField("version") else None
+        outcome = self.engine.load_adapter(spec, Path(config.model_cache), version, context.time_remaining())
+        return pb.LoadAdapterResponse(adapter=convert.adapter_info(outcome.info), evicted=list(outcome.evicted))
+
+    @rpc_method
+    def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.UnloadAdapterResponse:
+        self.engine.unload_adapter(request.adapter_id, context.time_remaining())
+        return pb.UnloadAdapterResponse(adapter_id=request.adapter_id)
+
+    @rpc_method
+    def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.ListAdaptersResponse:
+        adapters = self.engine.adapters
+        return pb.ListAdaptersResponse(
+            adapters=[convert.adapter_info(a) for a in adapters.infos()], max_adapters=adapters.max_adapters
+        )

@@ -12,18 +12,34 @@ from typing import Any
 
 import grpc
 
-from loraserve.errors import AdapterNotFound, InvalidRequest, LoraserveError, QueueFull, Unavailable
+from loraserve.errors import (
+    AdapterNotFound,
+    AlreadyExists,
+    InvalidRequest,
+    LoraserveError,
+    PermissionDenied,
+    QueueFull,
+    Unavailable,
+)
+from loraserve.storage import ArtifactCorrupted, ArtifactNotFound, StorageError, StorageUnavailable
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 CORRELATION_ID_HEADER = "x-correlation-id"
 
+# The first matching class wins: subclasses come before their bases.
 STATUS_BY_ERROR: dict[type[LoraserveError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    ArtifactNotFound: grpc.StatusCode.NOT_FOUND,
+    ArtifactCorrupted: grpc.StatusCode.DATA_LOSS,
+    StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    StorageError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -133,7 +133,9 @@ def start_server(tiny_model_config: ModelConfig) -> Iterator[ServerFactory]:
     """Start servers on the tiny model with custom settings; all are stopped after the test."""
     started: list[RunningServer] = []
 
-    def start(load: bool = True, model_config: ModelConfig | None = None, **engine_options: int) -> RunningServer:
+    def start(load: bool = True, model_config: ModelConfig | None = None, **engine_options: object) -> RunningServer:
+        if model_config is None:  # the tiny model needs little cache; the automatic size would take 2 GiB each
+            engine_options.setdefault("kv_cache_memory", "64MB")
         running = RunningServer(model_config or tiny_model_config, replace(EngineConfig(), **engine_options), load)
         started.append(running)
         return running
@@ -147,7 +149,8 @@ def start_server(tiny_model_config: ModelConfig) -> Iterator[ServerFactory]:
 def tiny_server(tiny_model_config: ModelConfig) -> Iterator[RunningServer]:
     """One server on the tiny model (with adapters alpha and beta), shared by the tests that do not change it."""
     running = RunningServer(
-        tiny_model_config, EngineConfig(max_batch_size=8, max_new_tokens=64, default_max_new_tokens=32)
+        tiny_model_config,
+        EngineConfig(max_batch_size=8, max_new_tokens=64, default_max_new_tokens=32, kv_cache_memory="64MB"),
     )
     yield running
     running.close()

@@ -69,6 +69,11 @@ class InferenceServiceStub:
                 request_serializer=loraserve_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=loraserve_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Ready = channel.unary_unary(
+                '/loraserve.v1.InferenceService/Ready',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ReadyRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.ReadyResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -120,6 +125,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ready(self, request, context):
+        """Ready returns OK when the server takes requests, and UNAVAILABLE while it loads or drains. It is for load
+        balancers whose health checks only see the status code (an AWS ALB gRPC target group): grpc.health.v1 reports
+        NOT_SERVING inside an OK response. Needs no authentication.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=loraserve_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
                     response_serializer=loraserve_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Ready': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ready,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ReadyRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.ReadyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -294,6 +313,203 @@ class InferenceService:
             '/loraserve.v1.InferenceService/Tokenize',
             loraserve_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
             loraserve_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ready(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.InferenceService/Ready',
+            loraserve_dot_v1_dot_inference__pb2.ReadyRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.ReadyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdapterServiceStub:
+    """AdapterService loads and unloads LoRA adapters while the server runs. When the server has admin tokens, these
+    RPCs need one (PERMISSION_DENIED otherwise).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadAdapter = channel.unary_unary(
+                '/loraserve.v1.AdapterService/LoadAdapter',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/loraserve.v1.AdapterService/UnloadAdapter',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/loraserve.v1.AdapterService/ListAdapters',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+
+
+class AdapterServiceServicer:
+    """AdapterService loads and unloads LoRA adapters while the server runs. When the server has admin tokens, these
+    RPCs need one (PERMISSION_DENIED otherwise).
+    """
+
+    def LoadAdapter(self, request, context):
+        """LoadAdapter reads an adapter from a local folder (under the server's adapter root) or from S3 (in an allowed
+        bucket) and makes it available under adapter_id. When the resident adapters are at their limit, the least
+        recently used idle one is unloaded first (RESOURCE_EXHAUSTED when all are in use).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """UnloadAdapter stops new requests for an adapter at once (NOT_FOUND), lets the ones running finish, then
+        frees it; it returns when it is gone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """ListAdapters lists the resident adapters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdapterServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'loraserve.v1.AdapterService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('loraserve.v1.AdapterService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdapterService:
+    """AdapterService loads and unloads LoRA adapters while the server runs. When the server has admin tokens, these
+    RPCs need one (PERMISSION_DENIED otherwise).
+    """
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.AdapterService/LoadAdapter',
+            loraserve_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.AdapterService/UnloadAdapter',
+            loraserve_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.AdapterService/ListAdapters',
+            loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

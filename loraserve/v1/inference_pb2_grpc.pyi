@@ -61,6 +61,11 @@ class InferenceServiceStub:
     """ModelInfo describes the served model, its adapters, the limits requests must respect, and live statistics."""
     Tokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]
     """Tokenize counts (and optionally lists) the tokens of a text or of rendered chat messages."""
+    Ready: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ReadyRequest, _inference_pb2.ReadyResponse]
+    """Ready returns OK when the server takes requests, and UNAVAILABLE while it loads or drains. It is for load
+    balancers whose health checks only see the status code (an AWS ALB gRPC target group): grpc.health.v1 reports
+    NOT_SERVING inside an OK response. Needs no authentication.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -89,6 +94,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """ModelInfo describes the served model, its adapters, the limits requests must respect, and live statistics."""
     Tokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]  # type: ignore[assignment]
     """Tokenize counts (and optionally lists) the tokens of a text or of rendered chat messages."""
+    Ready: _aio.UnaryUnaryMultiCallable[_inference_pb2.ReadyRequest, _inference_pb2.ReadyResponse]  # type: ignore[assignment]
+    """Ready returns OK when the server takes requests, and UNAVAILABLE while it loads or drains. It is for load
+    balancers whose health checks only see the status code (an AWS ALB gRPC target group): grpc.health.v1 reports
+    NOT_SERVING inside an OK response. Needs no authentication.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService generates text with a LLaMA-family model and per-request LoRA adapters.
@@ -145,4 +155,91 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.TokenizeResponse, _abc.Awaitable[_inference_pb2.TokenizeResponse]]:
         """Tokenize counts (and optionally lists) the tokens of a text or of rendered chat messages."""
 
+    @_abc_1.abstractmethod
+    def Ready(
+        self,
+        request: _inference_pb2.ReadyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ReadyResponse, _abc.Awaitable[_inference_pb2.ReadyResponse]]:
+        """Ready returns OK when the server takes requests, and UNAVAILABLE while it loads or drains. It is for load
+        balancers whose health checks only see the status code (an AWS ALB gRPC target group): grpc.health.v1 reports
+        NOT_SERVING inside an OK response. Needs no authentication.
+        """
+
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdapterServiceStub:
+    """AdapterService loads and unloads LoRA adapters while the server runs. When the server has admin tokens, these
+    RPCs need one (PERMISSION_DENIED otherwise).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdapterServiceAsyncStub: ...
+    LoadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]
+    """LoadAdapter reads an adapter from a local folder (under the server's adapter root) or from S3 (in an allowed
+    bucket) and makes it available under adapter_id. When the resident adapters are at their limit, the least
+    recently used idle one is unloaded first (RESOURCE_EXHAUSTED when all are in use).
+    """
+    UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UnloadAdapterRequest, _inference_pb2.UnloadAdapterResponse]
+    """UnloadAdapter stops new requests for an adapter at once (NOT_FOUND), lets the ones running finish, then
+    frees it; it returns when it is gone.
+    """
+    ListAdapters: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListAdaptersRequest, _inference_pb2.ListAdaptersResponse]
+    """ListAdapters lists the resident adapters."""
+
+@_typing.type_check_only
+class AdapterServiceAsyncStub(AdapterServiceStub):
+    """AdapterService loads and unloads LoRA adapters while the server runs. When the server has admin tokens, these
+    RPCs need one (PERMISSION_DENIED otherwise).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    LoadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]  # type: ignore[assignment]
+    """LoadAdapter reads an adapter from a local folder (under the server's adapter root) or from S3 (in an allowed
+    bucket) and makes it available under adapter_id. When the resident adapters are at their limit, the least
+    recently used idle one is unloaded first (RESOURCE_EXHAUSTED when all are in use).
+    """
+    UnloadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.UnloadAdapterRequest, _inference_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """UnloadAdapter stops new requests for an adapter at once (NOT_FOUND), lets the ones running finish, then
+    frees it; it returns when it is gone.
+    """
+    ListAdapters: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListAdaptersRequest, _inference_pb2.ListAdaptersResponse]  # type: ignore[assignment]
+    """ListAdapters lists the resident adapters."""
+
+class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
+    """AdapterService loads and unloads LoRA adapters while the server runs. When the server has admin tokens, these
+    RPCs need one (PERMISSION_DENIED otherwise).
+    """
+
+    @_abc_1.abstractmethod
+    def LoadAdapter(
+        self,
+        request: _inference_pb2.LoadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.LoadAdapterResponse, _abc.Awaitable[_inference_pb2.LoadAdapterResponse]]:
+        """LoadAdapter reads an adapter from a local folder (under the server's adapter root) or from S3 (in an allowed
+        bucket) and makes it available under adapter_id. When the resident adapters are at their limit, the least
+        recently used idle one is unloaded first (RESOURCE_EXHAUSTED when all are in use).
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadAdapter(
+        self,
+        request: _inference_pb2.UnloadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.UnloadAdapterResponse, _abc.Awaitable[_inference_pb2.UnloadAdapterResponse]]:
+        """UnloadAdapter stops new requests for an adapter at once (NOT_FOUND), lets the ones running finish, then
+        frees it; it returns when it is gone.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAdapters(
+        self,
+        request: _inference_pb2.ListAdaptersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ListAdaptersResponse, _abc.Awaitable[_inference_pb2.ListAdaptersResponse]]:
+        """ListAdapters lists the resident adapters."""
+
+def add_AdapterServiceServicer_to_server(servicer: AdapterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

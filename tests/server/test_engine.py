@@ -19,6 +19,8 @@ from loraserve.server.loading import LoadedModel, load_model
 from loraserve.server.outputs import StopReason
 from loraserve.server.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
 
+TINY_KV_CACHE = "64MB"  # plenty for the tiny model; the automatic size would hold 2 GiB per engine
+
 PROMPTS = [
     "The quick brown fox",
     "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole",
@@ -38,6 +40,7 @@ def make_engine(tiny_loaded: LoadedModel) -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
     def make(loaded: LoadedModel | None = None, **options: int) -> Engine:
+        options.setdefault("kv_cache_memory", TINY_KV_CACHE)
         engine = Engine(loaded or tiny_loaded, dataclasses.replace(EngineConfig(), **options))
         engine.start()
         engines.append(engine)
@@ -315,7 +318,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, m
 
 def test_a_dead_engine_fails_everything_and_says_so(tiny_loaded, monkeypatch) -> None:
     failures: list[BaseException] = []
-    engine = Engine(tiny_loaded, EngineConfig(), on_failure=failures.append)
+    engine = Engine(tiny_loaded, EngineConfig(kv_cache_memory=TINY_KV_CACHE), on_failure=failures.append)
     engine.start()
     entered = threading.Event()
 
@@ -450,7 +453,7 @@ def test_fixed_shape_decode_steps_match_generate(make_engine, reference) -> None
         return logits
 
     graphs.step = counting
-    engine._runner.graphs = graphs
+    engine._graphs = graphs
     cases = [("", PROMPTS[0]), ("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("", PROMPTS[4]), ("alpha", PROMPTS[3])]
     streams = [
         engine.submit(with_ids(prompt=p, adapter_id=a, stopping=exact(10 + i))) for i, (a, p) in enumerate(cases)

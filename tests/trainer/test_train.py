@@ -46,14 +46,14 @@ def test_a_run_writes_what_the_server_reads(train_config: TrainConfig, tiny_mode
     from loraserve.server.params import GenerationRequest, StoppingParams
 
     loaded = load_model(ModelConfig(model=str(tiny_model_dir), adapter=(f"trained={adapter}",), device="cpu"))
-    info = loaded.adapters.infos()[0]
+    info = loaded.lora_adapters[0].info
     assert (info.rank, info.alpha, info.target_modules, info.prompt_format) == (
         4,
         8.0,
         ("q_proj", "v_proj"),
         "chat-template",
     )
-    engine = Engine(loaded, EngineConfig())
+    engine = Engine(loaded, EngineConfig(kv_cache_memory="64MB"))
     engine.start()
     try:
         result = engine.submit(
