@@ -4,6 +4,7 @@ grpc and the generated code: usable where torch is not installed."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Unpack
 
 import grpc
@@ -34,9 +35,23 @@ def _health_status(response: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+def tls_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """TLS to the server: verified with the CA bundle (the system's when empty); with cert and key, mutual TLS."""
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
+
+
+def _with_token(metadata: Metadata, token: str | None) -> tuple[tuple[str, str], ...]:
+    return ((("authorization", f"Bearer {token}"),) if token else ()) + tuple(metadata)
+
+
 class Client:
     """A blocking client. Every call takes `timeout` (seconds; default the client's) and extra `metadata`, such as
-    ("x-correlation-id", "...") to find the call in the server's logs. Failures raise LoraserveRpcError."""
+    ("x-correlation-id", "...") to find the call in the server's logs. `credentials` (see tls_credentials) connect
+    over TLS; `token` is sent as a bearer token. Failures raise LoraserveRpcError."""
 
     def __init__(
         self,
@@ -44,11 +59,16 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         metadata: Metadata = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.timeout = timeout
-        self.metadata = tuple(metadata)
-        self._channel = channel or grpc.insecure_channel(target)
+        self.metadata = _with_token(metadata, token)
+        secure = credentials is not None
+        self._channel = channel or (
+            grpc.secure_channel(target, credentials) if secure else grpc.insecure_channel(target)
+        )
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -137,6 +157,10 @@ class Client:
         request = health_pb2.HealthCheckRequest(service=service)
         return _health_status(self._call(self._health.Check, request, timeout, ()))
 
+    def ready(self, *, timeout: float | None = None) -> None:
+        """Return when the server takes requests; LoraserveRpcError (UNAVAILABLE) while it loads or drains."""
+        self._call(self._stub.Ready, pb.ReadyRequest(), timeout, ())
+
 
 class AsyncClient:
     """The asyncio twin of Client: the same methods, awaited (stream is an async iterator)."""
@@ -147,11 +171,16 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         metadata: Metadata = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.timeout = timeout
-        self.metadata = tuple(metadata)
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self.metadata = _with_token(metadata, token)
+        secure = credentials is not None
+        self._channel = channel or (
+            grpc.aio.secure_channel(target, credentials) if secure else grpc.aio.insecure_channel(target)
+        )
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

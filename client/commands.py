@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from loraserve.client.client import Client
+from loraserve.client.client import Client, tls_credentials
 from loraserve.client.types import GenerationOptions, LoraserveRpcError, StreamChunk
 from loraserve.config import ClientConfig, from_namespace
 
@@ -43,9 +44,21 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
     return GenerationOptions(**{n: getattr(args, n) for n in names if getattr(args, n) not in (None, "", [])})
 
 
+def client_for(config: ClientConfig, timeout: float | None = None) -> Client:
+    """A client from the command's options; TLS when a CA or client certificate is given, and the bearer token from
+    LORASERVE_TOKEN (never a flag: command lines are visible to other users)."""
+    secure = bool(config.tls_ca or config.tls_cert)
+    credentials = tls_credentials(config.tls_ca, config.tls_cert, config.tls_key) if secure else None
+    return Client(
+        config.target,
+        timeout=timeout or config.timeout,
+        credentials=credentials,
+        token=os.environ.get("LORASERVE_TOKEN") or None,
+    )
+
+
 def _client(args: argparse.Namespace) -> Client:
-    config = from_namespace(ClientConfig, args)
-    return Client(config.target, timeout=config.timeout)
+    return client_for(from_namespace(ClientConfig, args))
 
 
 def _print_json(value: Any) -> None:
@@ -163,7 +176,7 @@ def health(args: argparse.Namespace) -> int:
     """Print the health status; exit 0 only when SERVING (a container health check)."""
     config = from_namespace(ClientConfig, args)
     try:
-        with Client(config.target, timeout=min(config.timeout, args.health_timeout)) as client:
+        with client_for(config, min(config.timeout, args.health_timeout)) as client:
             status = client.health(args.service)
     except LoraserveRpcError as error:
         print(f"{error.code.name}: {error.details}")

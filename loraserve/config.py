@@ -290,11 +290,41 @@ class ServerConfig:
     grace_period: float = option(
         30.0, "Seconds in-flight requests get to finish after SIGTERM before they are cancelled.", metavar="SECONDS"
     )
+    max_message_bytes: int = option(16 * 1024 * 1024, "Largest request or response message.", metavar="BYTES")
+    tls_cert: str = option("", "PEM certificate chain: serve TLS (with --tls-key).", metavar="FILE")
+    tls_key: str = option("", "PEM private key of --tls-cert.", metavar="FILE")
+    tls_client_ca: str = option(
+        "", "PEM CA bundle: require client certificates signed by it (mutual TLS).", metavar="FILE"
+    )
+    auth_tokens_file: str = option(
+        "",
+        "File of bearer tokens (one per line) that may call the server; LORASERVE_AUTH_TOKENS (comma-separated) adds "
+        "more. With neither, no authentication.",
+        metavar="FILE",
+    )
+    admin_tokens_file: str = option(
+        "",
+        "File of bearer tokens that may also call AdapterService; LORASERVE_ADMIN_TOKENS adds more. With neither, any "
+        "caller the authentication lets in may.",
+        metavar="FILE",
+    )
+    rate_limit: float = option(
+        0.0, "Requests per second allowed per client (by token, else by address); 0 = no limit.", metavar="RPS"
+    )
+    rate_burst: int = option(20, "Requests a client may make at once above --rate-limit.", metavar="N")
+    metrics_port: int = option(9464, "Port of the Prometheus /metrics endpoint (on --host); 0 = none.", metavar="PORT")
+    log_prompts: bool = option(False, "Log each request's prompt and output text (off: they are never logged).")
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
+        require(0 <= self.metrics_port <= 65535, "metrics_port", f"must be in [0, 65535], got {self.metrics_port}")
         require(self.grpc_workers >= 0, "grpc_workers", f"must be >= 0, got {self.grpc_workers}")
         require(self.grace_period >= 0, "grace_period", f"must be >= 0, got {self.grace_period}")
+        require(self.max_message_bytes >= 1024, "max_message_bytes", f"must be >= 1024, got {self.max_message_bytes}")
+        require(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "and --tls-key go together")
+        require(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca", "needs --tls-cert and --tls-key")
+        require(self.rate_limit >= 0, "rate_limit", f"must be >= 0, got {self.rate_limit}")
+        require(self.rate_burst >= 1, "rate_burst", f"must be >= 1, got {self.rate_burst}")
 
 
 @dataclass(frozen=True)
@@ -311,6 +341,9 @@ class ClientConfig:
 
     target: str = option("localhost:50051", "The server's host:port.", metavar="HOST:PORT")
     timeout: float = option(120.0, "Deadline of each call, in seconds.", metavar="SECONDS")
+    tls_ca: str = option("", "PEM CA bundle to verify the server with: connect over TLS.", metavar="FILE")
+    tls_cert: str = option("", "PEM client certificate, for mutual TLS (with --tls-key).", metavar="FILE")
+    tls_key: str = option("", "PEM private key of --tls-cert.", metavar="FILE")
 
     def __post_init__(self) -> None:
         require(self.timeout > 0, "timeout", f"must be > 0, got {self.timeout}")

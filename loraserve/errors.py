@@ -43,5 +43,9 @@ class Unavailable(LoraserveError):
     """The server cannot take requests now: it is loading, draining, or its engine stopped."""
 
 
+class Cancelled(LoraserveError):
+    """The server cancelled the request: it shut down before the request finished."""
+
+
 class ConfigError(LoraserveError):
     """A configuration value (flag, environment variable or file) is wrong; the message names the option."""

@@ -24,9 +24,23 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRIBUTES})
+        if "trace_id" not in entry:
+            entry.update(_trace_ids())
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def _trace_ids() -> dict[str, str]:
+    """The current OpenTelemetry span's ids (an RPC's, in the thread serving it), if any."""
+    try:
+        from opentelemetry import trace
+    except ImportError:  # the client-only install has no OpenTelemetry
+        return {}
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
 
 
 class TextFormatter(logging.Formatter):

@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -20,7 +21,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraserve.config import EngineConfig, ModelConfig, ServerConfig
+from loraserve.errors import ConfigError
+from loraserve.server.interceptors import AccessInterceptor
 from loraserve.server.servicer import AdapterServicer, InferenceServicer
+from loraserve.server.telemetry import Telemetry
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -34,8 +38,21 @@ ADAPTER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterService"].full_nam
 HEALTH_SERVICES = ("", SERVICE_NAME)
 # Leave room above the engine's capacity so health checks and ModelInfo always find a free thread.
 SPARE_RPC_THREADS = 16
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SIGNAL_POLL_S = 0.2
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key, requiring client certificates when --tls-client-ca is set."""
+    if not config.tls_cert:
+        return None
+    try:
+        key, chain = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    except OSError as error:
+        raise ConfigError(f"--tls-cert/--tls-key/--tls-client-ca: {error}") from None
+    return grpc.ssl_server_credentials(
+        ((key, chain),), root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 @dataclass
@@ -59,6 +76,7 @@ class LoraServer:
         self.adapter_servicer = AdapterServicer(model_config)
         self.health = health.HealthServicer()
         self.engine: Engine | None = None
+        self.telemetry: Telemetry | None = None
         self.port: int | None = None
         self._server: grpc.Server | None = None
 
@@ -67,12 +85,22 @@ class LoraServer:
         workers = self.server_config.grpc_workers or (
             self.engine_config.max_batch_size + self.engine_config.max_queued_requests + SPARE_RPC_THREADS
         )
+        config = self.server_config
+        self.telemetry = Telemetry(config.metrics_port, config.host)
+        self.servicer.telemetry = self.adapter_servicer.telemetry = self.telemetry
+        from opentelemetry.instrumentation.grpc import server_interceptor
+
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraserve-rpc"),
+            # Tracing first, so that refused calls are traced too.
+            interceptors=[
+                server_interceptor(tracer_provider=self.telemetry.tracer_provider),
+                AccessInterceptor(config),
+            ],
             maximum_concurrent_rpcs=workers,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
             ],
         )
         pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
@@ -87,12 +115,22 @@ class LoraServer:
             ),
             server,
         )
-        address = f"{self.server_config.host}:{self.server_config.port}"
-        self.port = server.add_insecure_port(address)
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         server.start()
         self._server = server
-        logger.info("listening", extra={"address": address, "port": self.port, "rpc_threads": workers})
+        logger.info(
+            "listening",
+            extra={
+                "address": address,
+                "port": self.port,
+                "rpc_threads": workers,
+                "tls": bool(credentials),
+                "mutual_tls": bool(config.tls_client_ca),
+            },
+        )
         return self.port
 
     def load(self) -> None:
@@ -121,7 +159,13 @@ class LoraServer:
         from loraserve.server.loading import load_model
 
         try:
-            engine = Engine(load_model(self.model_config), self.engine_config, on_failure=self._engine_failed)
+            engine = Engine(
+                load_model(self.model_config),
+                self.engine_config,
+                on_failure=self._engine_failed,
+                telemetry=self.telemetry,
+                log_prompts=self.server_config.log_prompts,
+            )
             engine.warm_up()
         except BaseException as error:  # handed to load(), which raises it on the caller's thread
             started.error = error
@@ -148,6 +192,8 @@ class LoraServer:
             self.engine.stop()
         if self._server is not None:
             self._server.stop(grace=1.0).wait()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
         logger.info("stopped")
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:

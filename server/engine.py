@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from loraserve.config import EngineConfig, parse_size
-from loraserve.errors import ConfigError, InvalidRequest, QueueFull, Unavailable
+from loraserve.errors import Cancelled, ConfigError, InvalidRequest, QueueFull, Unavailable
 from loraserve.prompting import Message, load_prompt_format
 from loraserve.server.adapter_registry import AdapterRegistry, LoadOutcome
 from loraserve.server.adapters import AdapterSpec
@@ -38,6 +38,7 @@ from loraserve.server.sampling import sample_next
 from loraserve.server.scheduler import Scheduler
 from loraserve.server.sequence import Sequence as GenerationSequence
 from loraserve.server.sequence import SequenceContext
+from loraserve.server.telemetry import Telemetry, wall_ns
 from loraserve.server.tokenization import Tokenization
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,11 @@ class Engine:
         loaded: LoadedModel,
         config: EngineConfig,
         on_failure: Callable[[BaseException], None] | None = None,
+        telemetry: Telemetry | None = None,
+        log_prompts: bool = False,
     ) -> None:
         self.loaded = loaded
+        self.telemetry = telemetry
         self.config = config
         if len(loaded.lora_adapters) > config.max_adapters:
             raise ConfigError(
@@ -99,6 +103,7 @@ class Engine:
             eos_token_ids=loaded.eos_token_ids,
             max_sequence_length=self.max_sequence_length,
             device=self._runner.device,
+            log_prompts=log_prompts,
         )
         self._by_id: dict[str, GenerationSequence] = {}
         self._active = 0
@@ -107,6 +112,12 @@ class Engine:
         self._state = EngineState.CREATED
         self._started_at = time.monotonic()
         self._thread: threading.Thread | None = None
+        if telemetry is not None:
+            telemetry.watch("queue_depth", lambda: len(self._waiting))
+            telemetry.watch("active_requests", lambda: self._active)
+            telemetry.watch(
+                "kv_cache.used_ratio", lambda: self.kv.active_rows * self.kv.row_length / self.kv.budget_tokens
+            )
 
     def _kv_cache(self, loaded: LoadedModel, config: EngineConfig) -> KVCache:
         shape = LlamaRunner.cache_shape(loaded.model, loaded.model.dtype)
@@ -175,7 +186,7 @@ class Engine:
         return True
 
     def stop(self) -> None:
-        """Stop the thread; requests still in flight end with STOP_REASON_CANCELLED."""
+        """Stop the thread; requests still in flight end with a Cancelled error (gRPC status CANCELLED)."""
         with self._cond:
             if self._state in (EngineState.RUNNING, EngineState.DRAINING):
                 self._state = EngineState.STOPPED
@@ -184,7 +195,7 @@ class Engine:
             self._thread.join()
         for sequence in [*self._running, *self._waiting]:
             if not sequence.finished:
-                sequence.finish(StopReason.CANCELLED)
+                sequence.fail(Cancelled("the server shut down before this request finished; retry on another replica"))
         self._running.clear()
         self._waiting.clear()
         self._by_id.clear()
@@ -264,7 +275,12 @@ class Engine:
             adapter = read_adapter_from(spec, self.loaded.model, cache, version, where)
         except ConfigError as error:
             raise InvalidRequest(str(error)) from None
-        outcome = self.adapters.request_load(adapter).result(timeout)
+        try:
+            outcome = self.adapters.request_load(adapter).result(timeout)
+        except Exception:
+            self._count_load("refused")
+            raise
+        self._count_load("loaded")
         logger.info(
             "adapter loaded",
             extra={
@@ -275,6 +291,10 @@ class Engine:
             },
         )
         return outcome
+
+    def _count_load(self, outcome: str) -> None:
+        if self.telemetry is not None:
+            self.telemetry.adapter_loads.add(1, {"outcome": outcome})
 
     def unload_adapter(self, adapter_id: str, timeout: float | None) -> None:
         """Stop new requests for the adapter, wait for its running ones, then free it."""
@@ -373,6 +393,18 @@ class Engine:
             if row_work.wants_logits:
                 sampling.append(sequence)
         self._advance(sampling, logits)
+        if self.telemetry is not None:
+            self._record_step(len(work), sampling)
+
+    def _record_step(self, batch: int, sampled: list[GenerationSequence]) -> None:
+        telemetry = self.telemetry
+        assert telemetry is not None
+        telemetry.batch_size.record(batch)
+        telemetry.generated_tokens.add(len(sampled))
+        for sequence in sampled:
+            for gap in sequence.token_gaps:
+                telemetry.inter_token_latency.record(gap)
+            sequence.token_gaps.clear()
 
     def _advance(self, sequences: list[GenerationSequence], logits: torch.Tensor) -> None:
         """Sample a token for each sequence (row i of logits is sequences[i]) and hand it to the sequence."""
@@ -405,6 +437,33 @@ class Engine:
             if was_active:
                 self._active -= len(sequences)
             self._cond.notify_all()
+        if self.telemetry is not None:
+            for sequence in sequences:
+                self._record_request(sequence)
+
+    def _record_request(self, sequence: GenerationSequence) -> None:
+        telemetry = self.telemetry
+        assert telemetry is not None
+        if sequence.first_token_at is not None:
+            telemetry.time_to_first_token.record(sequence.first_token_at - sequence.arrival)
+
+        def wall(moment: float | None) -> int | None:
+            return wall_ns(moment) if moment is not None else None
+
+        attributes = {
+            "request_id": sequence.request_id,
+            "adapter_id": sequence.request.adapter_id,
+            "input_tokens": len(sequence.prompt_ids),
+            "generated_tokens": len(sequence.generated),
+        }
+        telemetry.request_spans(
+            sequence.trace_context,
+            wall_ns(sequence.arrival),
+            wall(sequence.admitted_at),
+            wall(sequence.first_token_at),
+            time.time_ns(),
+            attributes,
+        )
 
     def _fail_step(self, sequences: list[GenerationSequence], error: Exception) -> None:
         """A step raised: fail its requests, free their rows, keep serving the others."""

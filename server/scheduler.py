@@ -3,6 +3,7 @@ and what every running request feeds the model (its last token, or the next chun
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence as Seq
 
@@ -33,6 +34,7 @@ class Scheduler:
                     break
             sequence = waiting.popleft()
             sequence.row = self.kv.admit(reservation)
+            sequence.admitted_at = time.monotonic()
             running.append(sequence)
             admitted.append(sequence)
         return admitted

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from loraserve.server.detokenizer import IncrementalDetokenizer
 from loraserve.server.outputs import GenerationChunk, StopReason, TokenDetail, TopToken
@@ -28,6 +30,7 @@ class SequenceContext:
     eos_token_ids: frozenset[int]
     max_sequence_length: int
     device: torch.device
+    log_prompts: bool = False  # put prompt and output text in the "request finished" log line
 
 
 class Sequence:
@@ -59,6 +62,10 @@ class Sequence:
         limit_ms = request.stopping.time_limit_ms
         self.time_limit_at = self.arrival + limit_ms / 1000 if limit_ms else None
         self.first_token_at: float | None = None
+        self.admitted_at: float | None = None  # when it got a KV cache row
+        self.last_token_at: float | None = None
+        self.token_gaps: list[float] = []  # seconds between tokens, until the engine records them
+        self.trace_context = otel_context.get_current()  # the RPC's span, parent of this request's spans
         self.cancelled = False
         self.finished = False
         self.stop_reason: StopReason | None = None
@@ -105,8 +112,12 @@ class Sequence:
 
     def append(self, token_id: int, logprob: float | None, top: list[tuple[int, float]]) -> None:
         """Take the token sampled for this request; emit its chunk, the last one when the request is done."""
+        now = time.monotonic()
         if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = now
+        else:
+            self.token_gaps.append(now - (self.last_token_at or now))
+        self.last_token_at = now
         self.generated.append(token_id)
         details = self._token_details(token_id, logprob, top)
         stoppable = len(self.generated) >= self.request.stopping.min_new_tokens
@@ -146,18 +157,22 @@ class Sequence:
 
     def _log_finished(self) -> None:
         first = self.first_token_at
-        logger.info(
-            "request finished",
-            extra={
-                "request_id": self.request_id,
-                "adapter_id": self.request.adapter_id,
-                "stop_reason": self.stop_reason.value if self.stop_reason else None,
-                "input_tokens": len(self.prompt_ids),
-                "generated_tokens": len(self.generated),
-                "time_to_first_token_s": round(first - self.arrival, 4) if first else None,
-                "duration_s": round(time.monotonic() - self.arrival, 4),
-            },
-        )
+        fields = {
+            "request_id": self.request_id,
+            "adapter_id": self.request.adapter_id,
+            "stop_reason": self.stop_reason.value if self.stop_reason else None,
+            "input_tokens": len(self.prompt_ids),
+            "generated_tokens": len(self.generated),
+            "time_to_first_token_s": round(first - self.arrival, 4) if first else None,
+            "duration_s": round(time.monotonic() - self.arrival, 4),
+        }
+        span = trace.get_current_span(self.trace_context).get_span_context()
+        if span.is_valid:
+            fields["trace_id"] = format(span.trace_id, "032x")
+        if self.context.log_prompts:
+            fields["prompt"] = self.request.prompt or [m.content for m in self.request.messages]
+            fields["output"] = self._text
+        logger.info("request finished", extra=fields)
 
     def _token_details(
         self, token_id: int, logprob: float | None, top: list[tuple[int, float]]

@@ -22,6 +22,7 @@ from loraserve.v1 import inference_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from loraserve.server.engine import Engine
     from loraserve.server.request_stream import RequestStream
+    from loraserve.server.telemetry import Telemetry
 
 
 def cancel_with_call(context: grpc.ServicerContext, stream: RequestStream) -> None:
@@ -41,6 +42,7 @@ class EngineHolder:
 
     def __init__(self) -> None:
         self._engine: Engine | None = None
+        self.telemetry: Telemetry | None = None  # RPC counts and latencies, when the server has telemetry
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine

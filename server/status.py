@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import grpc
 from loraserve.errors import (
     AdapterNotFound,
     AlreadyExists,
+    Cancelled,
     InvalidRequest,
     LoraserveError,
     PermissionDenied,
@@ -36,6 +38,7 @@ STATUS_BY_ERROR: dict[type[LoraserveError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Cancelled: grpc.StatusCode.CANCELLED,
     ArtifactNotFound: grpc.StatusCode.NOT_FOUND,
     ArtifactCorrupted: grpc.StatusCode.DATA_LOSS,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -75,10 +78,29 @@ def abort(context: grpc.ServicerContext, error: Exception, request_id: str, rpc:
     fields = {"rpc": rpc, "request_id": request_id}
     if code is None:
         logger.error("unexpected error", exc_info=error, extra=fields)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}; the server log has details)")
+        code = grpc.StatusCode.INTERNAL
+        message = f"internal error (request id {request_id}; the server log has details)"
     else:
         logger.info("request refused", extra={**fields, "status": code.name, "reason": str(error)})
-        context.abort(code, str(error))
+        message = str(error)
+    context.abort(code, message)
+
+
+class _Outcome:
+    """Times one call and reports its status code to the servicer's telemetry, if it has any."""
+
+    def __init__(self, servicer: Any, rpc: str) -> None:
+        self.telemetry = getattr(servicer, "telemetry", None)
+        self.rpc = rpc
+        self.code = "OK"
+        self.started = time.monotonic()
+
+    def failed(self, code: grpc.StatusCode) -> None:
+        self.code = code.name
+
+    def report(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.rpc_finished(self.rpc, self.code, time.monotonic() - self.started)
 
 
 def rpc_method(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,20 +110,29 @@ def rpc_method(method: Callable[..., Any]) -> Callable[..., Any]:
 
         @functools.wraps(method)
         def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            request_id = start_request(context, rpc)
+            request_id, outcome = start_request(context, rpc), _Outcome(self, rpc)
             try:
                 yield from method(self, request, context, request_id)
+            except GeneratorExit:  # the client went away mid-stream
+                outcome.failed(grpc.StatusCode.CANCELLED)
+                raise
             except Exception as error:
+                outcome.failed(status_for(error) or grpc.StatusCode.INTERNAL)
                 abort(context, error, request_id, rpc)
+            finally:
+                outcome.report()
 
         return streaming
 
     @functools.wraps(method)
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        request_id = start_request(context, rpc)
+        request_id, outcome = start_request(context, rpc), _Outcome(self, rpc)
         try:
             return method(self, request, context, request_id)
         except Exception as error:
+            outcome.failed(status_for(error) or grpc.StatusCode.INTERNAL)
             abort(context, error, request_id, rpc)
+        finally:
+            outcome.report()
 
     return unary

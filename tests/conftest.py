@@ -112,16 +112,24 @@ ServerFactory = Callable[..., "RunningServer"]
 class RunningServer:
     """An in-process LoraServer on a free 127.0.0.1 port, with a client for it."""
 
-    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, load: bool = True) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        load: bool = True,
+        server_options: dict | None = None,
+        client_options: dict | None = None,
+    ) -> None:
         from loraserve.server.app import LoraServer
 
-        server_config = ServerConfig(host="127.0.0.1", port=0, grace_period=5.0)
+        options = {"host": "127.0.0.1", "port": 0, "grace_period": 5.0, "metrics_port": 0} | (server_options or {})
+        server_config = ServerConfig(**options)
         self.server = LoraServer(model_config, engine_config, server_config)
         self.port = self.server.start()
         self.target = f"127.0.0.1:{self.port}"
         if load:
             self.server.load()
-        self.client = Client(self.target, timeout=60)
+        self.client = Client(self.target, timeout=60, **(client_options or {}))
 
     def close(self) -> None:
         self.client.close()
@@ -133,10 +141,17 @@ def start_server(tiny_model_config: ModelConfig) -> Iterator[ServerFactory]:
     """Start servers on the tiny model with custom settings; all are stopped after the test."""
     started: list[RunningServer] = []
 
-    def start(load: bool = True, model_config: ModelConfig | None = None, **engine_options: object) -> RunningServer:
+    def start(
+        load: bool = True,
+        model_config: ModelConfig | None = None,
+        server_options: dict | None = None,
+        client_options: dict | None = None,
+        **engine_options: object,
+    ) -> RunningServer:
         if model_config is None:  # the tiny model needs little cache; the automatic size would take 2 GiB each
             engine_options.setdefault("kv_cache_memory", "64MB")
-        running = RunningServer(model_config or tiny_model_config, replace(EngineConfig(), **engine_options), load)
+        engine_config = replace(EngineConfig(), **engine_options)
+        running = RunningServer(model_config or tiny_model_config, engine_config, load, server_options, client_options)
         started.append(running)
         return running
 
@@ -163,3 +178,50 @@ def default_server(model_cache_dir: Path) -> Iterator[RunningServer]:
     running = RunningServer(config, EngineConfig())
     yield running
     running.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's standalone S3 server on a free 127.0.0.1 port, for boto3 over real HTTP."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket, with the AWS environment pointing boto3 at the moto server."""
+    import time
+
+    from loraserve.storage import s3_client
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+    }.items():
+        monkeypatch.setenv(name, value)
+    name = f"bucket-{time.monotonic_ns()}"
+    s3_client().create_bucket(Bucket=name)
+    return name

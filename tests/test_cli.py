@@ -125,9 +125,8 @@ def wait_for_health(client: Client, wanted: str, process: subprocess.Popen, time
     raise AssertionError(f"health never became {wanted}; saw {seen[-5:]}; server exit code {process.poll()}")
 
 
-@pytest.mark.slow
-def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
-    """On the real default model, whose decoding is slow enough for a stream to be in flight when SIGTERM comes."""
+def start_default_server(model_cache_dir: Path, grace_period: float) -> tuple[subprocess.Popen, int, list[str]]:  # type: ignore[type-arg]
+    """`loraserve serve` on the real default model (its decoding is slow enough for streams to be in flight)."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -143,8 +142,10 @@ def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
             "127.0.0.1",
             "--port",
             str(port),
+            "--metrics-port",
+            "0",
             "--grace-period",
-            "60",
+            str(grace_period),
             "--log-format",
             "json",
         ],
@@ -152,8 +153,13 @@ def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
         text=True,
     )
     logs: list[str] = []
-    reader = threading.Thread(target=lambda: logs.extend(process.stderr), daemon=True)
-    reader.start()
+    threading.Thread(target=lambda: logs.extend(process.stderr), daemon=True).start()  # type: ignore[arg-type]
+    return process, port, logs
+
+
+@pytest.mark.slow
+def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
+    process, port, logs = start_default_server(model_cache_dir, grace_period=60)
     client = Client(f"127.0.0.1:{port}", timeout=60)
     try:
         wait_for_health(client, "SERVING", process, timeout=300)
@@ -162,6 +168,9 @@ def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
         first = next(stream)
         process.send_signal(signal.SIGTERM)
         wait_for_health(client, "NOT_SERVING", process, timeout=10)
+        with pytest.raises(LoraserveRpcError) as not_ready:
+            client.ready()
+        assert not_ready.value.code.name == "UNAVAILABLE"
         with pytest.raises(LoraserveRpcError) as refused:
             client.generate("hi")
         assert refused.value.code.name == "UNAVAILABLE"
@@ -173,8 +182,33 @@ def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
         client.close()
         if process.poll() is None:
             process.kill()
-    reader.join(timeout=5)
+    time.sleep(0.5)  # let the log reader take the last lines
     records = [json.loads(line) for line in logs if line.startswith("{")]
     messages = [r["message"] for r in records]
     assert {"listening", "serving", "signal received", "draining", "stopped"} <= set(messages)
     assert all("request_id" in r for r in records if r["message"] in ("request received", "request finished"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_what_outlasts_the_grace_period_is_cancelled(model_cache_dir: Path, second_signal: bool) -> None:
+    """The grace period ends (or a second SIGTERM comes) with a stream still running: it ends with CANCELLED and the
+    process exits 0."""
+    process, port, _ = start_default_server(model_cache_dir, grace_period=60 if second_signal else 1)
+    client = Client(f"127.0.0.1:{port}", timeout=120)
+    try:
+        wait_for_health(client, "SERVING", process, timeout=300)
+        stream = client.stream("Once upon a time", max_new_tokens=2000, min_new_tokens=2000)
+        next(stream)
+        process.send_signal(signal.SIGTERM)
+        if second_signal:
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+        with pytest.raises(LoraserveRpcError) as cancelled:
+            list(stream)
+        assert cancelled.value.code.name == "CANCELLED"
+        assert process.wait(timeout=30) == 0
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.kill()
