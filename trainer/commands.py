@@ -105,6 +105,25 @@ def adapter_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_push(args: argparse.Namespace) -> int:
+    """Upload a Hugging Face model folder (for `serve --model s3://...`), writing its manifest first if it has none."""
+    from loraserve.storage import MANIFEST, S3Location, StorageError, push, write_manifest
+
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        print(f"loraserve model push: {folder} has no config.json; push a Hugging Face model folder", file=sys.stderr)
+        return 1
+    if not (folder / MANIFEST).is_file():
+        write_manifest(folder, "model")
+    try:
+        version = push(folder, S3Location.parse(args.location), args.version)
+    except StorageError as error:
+        print(f"loraserve model push: {error}", file=sys.stderr)
+        return 1
+    print(version)
+    return 0
+
+
 def adapter_pull(args: argparse.Namespace) -> int:
     from loraserve.storage import S3Location, StorageError, pull
 
@@ -163,3 +182,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     download.add_argument("folder", help="where to put the adapter folder")
     download.add_argument("--version", help="version to fetch (default: latest)")
     download.set_defaults(handler=adapter_pull)
+
+    model = commands.add_parser("model", help="store models in S3", description="Store models in S3.")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+    upload_model = model_commands.add_parser(
+        "push",
+        help="upload a model folder as a new version",
+        description="Upload a Hugging Face model folder (safetensors) for `serve --model s3://bucket/prefix`.",
+    )
+    upload_model.add_argument("folder", help="the model folder (config.json, *.safetensors, tokenizer files)")
+    upload_model.add_argument("location", help="s3://bucket/prefix")
+    upload_model.add_argument("--version", help="version name (default: a hash of the files)")
+    upload_model.set_defaults(handler=model_push)

@@ -4,6 +4,8 @@ eviction, unloading under traffic, and the S3 failure modes; plus the Ready RPC 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -231,8 +233,15 @@ def test_an_unreachable_s3_endpoint_is_retried_then_reported(
 def test_the_model_itself_can_come_from_s3(start_server, tiny_model_dir, bucket, tmp_path, tiny_server) -> None:
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    write_manifest(folder, "model")
-    push(folder, S3Location(bucket, "models/tiny"), "2026-11-27")
+    model_push = [sys.executable, "-m", "loraserve.cli", "model", "push"]
+    location = f"s3://{bucket}/models/tiny"
+    pushed = subprocess.run(
+        [*model_push, str(folder), location, "--version", "2026-11-27"], capture_output=True, text=True, timeout=120
+    )
+    assert pushed.returncode == 0 and pushed.stdout.strip() == "2026-11-27", pushed.stderr
+    assert (folder / "manifest.json").is_file()
+    refused = subprocess.run([*model_push, str(tmp_path), location], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "has no config.json" in refused.stderr
     config = ModelConfig(
         model=f"s3://{bucket}/models/tiny", model_cache=str(tmp_path / "cache"), device="cpu", max_sequence_length=256
     )
