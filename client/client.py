@@ -1,5 +1,5 @@
-"""Sync and asyncio clients for loraserve.v1.InferenceService, with typed results and default deadlines. Imports only
-grpc and the generated code: usable where torch is not installed."""
+"""Sync and asyncio clients for loraserve.v1.InferenceService and CollectionService, with typed results and default
+deadlines. Imports only grpc and the generated code: usable where torch is not installed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraserve.client.types import (
+    CollectionInfo,
+    DeleteResult,
     Generation,
     GenerationOptions,
     LoraserveRpcError,
@@ -18,6 +20,8 @@ from loraserve.client.types import (
     RagAnswer,
     StreamChunk,
     Tokenization,
+    UpsertResult,
+    build_documents,
     build_generation,
     build_rag_query,
     build_tokenize,
@@ -70,6 +74,7 @@ class Client:
             grpc.secure_channel(target, credentials) if secure else grpc.insecure_channel(target)
         )
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._collections = pb_grpc.CollectionServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -126,16 +131,46 @@ class Client:
     def rag_query(
         self,
         query: str,
-        documents: Sequence[Mapping[str, Any]],
+        documents: Sequence[Mapping[str, Any]] = (),
         *,
+        collection: str = "",
         top_k: int | None = None,
+        min_similarity: float | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
         **options: Unpack[GenerationOptions],
     ) -> RagAnswer:
-        """Answer a question from documents given as {"id", "text", "title"?, "metadata"?} mappings."""
-        request = build_rag_query(query, documents, top_k, options)
+        """Answer a question from documents given as {"id", "text", "title"?, "metadata"?} mappings, from a stored
+        collection, or from both."""
+        request = build_rag_query(query, documents, collection, top_k, min_similarity, options)
         return RagAnswer.from_proto(self._call(self._stub.RagQuery, request, timeout, metadata))
+
+    def upsert_documents(
+        self,
+        collection: str,
+        documents: Sequence[Mapping[str, Any]],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> UpsertResult:
+        """Add or replace documents in a collection (created when missing); durable when this returns."""
+        request = pb.UpsertDocumentsRequest(collection=collection, documents=build_documents(documents))
+        return UpsertResult.from_proto(self._call(self._collections.UpsertDocuments, request, timeout, metadata))
+
+    def delete_documents(
+        self, collection: str, document_ids: Sequence[str], *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> DeleteResult:
+        request = pb.DeleteDocumentsRequest(collection=collection, document_ids=list(document_ids))
+        return DeleteResult.from_proto(self._call(self._collections.DeleteDocuments, request, timeout, metadata))
+
+    def list_collections(self, *, timeout: float | None = None, metadata: Metadata = ()) -> list[CollectionInfo]:
+        request = pb.ListCollectionsRequest()
+        response = self._call(self._collections.ListCollections, request, timeout, metadata)
+        return [CollectionInfo.from_proto(c) for c in response.collections]
+
+    def delete_collection(self, name: str, *, timeout: float | None = None, metadata: Metadata = ()) -> None:
+        request = pb.DeleteCollectionRequest(name=name)
+        self._call(self._collections.DeleteCollection, request, timeout, metadata)
 
     def model_info(self, *, timeout: float | None = None, metadata: Metadata = ()) -> ModelInfo:
         return ModelInfo.from_proto(self._call(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout, metadata))
@@ -182,6 +217,7 @@ class AsyncClient:
             grpc.aio.secure_channel(target, credentials) if secure else grpc.aio.insecure_channel(target)
         )
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._collections = pb_grpc.CollectionServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
@@ -235,15 +271,45 @@ class AsyncClient:
     async def rag_query(
         self,
         query: str,
-        documents: Sequence[Mapping[str, Any]],
+        documents: Sequence[Mapping[str, Any]] = (),
         *,
+        collection: str = "",
         top_k: int | None = None,
+        min_similarity: float | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
         **options: Unpack[GenerationOptions],
     ) -> RagAnswer:
-        request = build_rag_query(query, documents, top_k, options)
+        request = build_rag_query(query, documents, collection, top_k, min_similarity, options)
         return RagAnswer.from_proto(await self._call(self._stub.RagQuery, request, timeout, metadata))
+
+    async def upsert_documents(
+        self,
+        collection: str,
+        documents: Sequence[Mapping[str, Any]],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> UpsertResult:
+        request = pb.UpsertDocumentsRequest(collection=collection, documents=build_documents(documents))
+        response = await self._call(self._collections.UpsertDocuments, request, timeout, metadata)
+        return UpsertResult.from_proto(response)
+
+    async def delete_documents(
+        self, collection: str, document_ids: Sequence[str], *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> DeleteResult:
+        request = pb.DeleteDocumentsRequest(collection=collection, document_ids=list(document_ids))
+        response = await self._call(self._collections.DeleteDocuments, request, timeout, metadata)
+        return DeleteResult.from_proto(response)
+
+    async def list_collections(self, *, timeout: float | None = None, metadata: Metadata = ()) -> list[CollectionInfo]:
+        request = pb.ListCollectionsRequest()
+        response = await self._call(self._collections.ListCollections, request, timeout, metadata)
+        return [CollectionInfo.from_proto(c) for c in response.collections]
+
+    async def delete_collection(self, name: str, *, timeout: float | None = None, metadata: Metadata = ()) -> None:
+        request = pb.DeleteCollectionRequest(name=name)
+        await self._call(self._collections.DeleteCollection, request, timeout, metadata)
 
     async def model_info(self, *, timeout: float | None = None, metadata: Metadata = ()) -> ModelInfo:
         response = await self._call(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout, metadata)

@@ -1,4 +1,5 @@
-"""The client-side CLI commands: generate, chat, rag, info, tokenize, health. They need grpc only, never torch."""
+"""The client-side CLI commands: generate, chat, rag, collections, info, tokenize, health. They need grpc only,
+never torch."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from loraserve.client.client import Client, tls_credentials
 from loraserve.client.types import GenerationOptions, LoraserveRpcError, StreamChunk
 from loraserve.config import ClientConfig, from_namespace
+from loraserve.errors import ConfigError
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -125,19 +127,100 @@ def chat(args: argparse.Namespace) -> int:
             history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def read_documents(paths: list[str]) -> list[dict[str, Any]]:
+    """Documents from files: a .jsonl file holds one {"id", "text", "title"?, "metadata"?} object per line; any
+    other file is one document, its file name the id and its stem the title."""
+    documents: list[dict[str, Any]] = []
+    for name in paths:
+        path = Path(name)
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ConfigError(f"{path}:{number}: not JSON ({error.msg})") from None
+                if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "text" not in item:
+                    raise ConfigError(f"{path}:{number}: each line needs an object with string id and text")
+                documents.append(item)
+        else:
+            documents.append({"id": path.name, "text": path.read_text(encoding="utf-8"), "title": path.stem})
+    return documents
+
+
 def rag(args: argparse.Namespace) -> int:
-    """Answer a question from text files; each file is one document, its name the id."""
-    documents = [
-        {"id": Path(p).name, "text": Path(p).read_text(encoding="utf-8"), "title": Path(p).stem} for p in args.document
-    ]
+    """Answer a question from document files, a stored collection, or both."""
+    documents = read_documents(args.document)
     with _client(args) as client:
-        answer = client.rag_query(args.query, documents, top_k=args.top_k_passages, **generation_options(args))
+        answer = client.rag_query(
+            args.query,
+            documents,
+            collection=args.collection or "",
+            top_k=args.top_k_passages,
+            min_similarity=args.min_similarity,
+            **generation_options(args),
+        )
     if args.json:
         _print_json(dataclasses.asdict(answer))
         return 0
     print(answer.text)
     for source in answer.sources:
-        print(f"[{source.rank}] {source.document_id} (score {source.score:.2f}): {source.passage[:100]}")
+        where = f"{source.collection}/" if source.collection else ""
+        mark = "cited" if source.cited else "not cited"
+        print(
+            f"[{source.rank}] {where}{source.document_id} ({mark}; similarity {source.similarity:.2f}): "
+            f"{source.passage[:100]}"
+        )
+    return 0
+
+
+def collections_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        collections = client.list_collections()
+    if args.json:
+        _print_json([dataclasses.asdict(c) for c in collections])
+        return 0
+    for c in collections:
+        state = "" if c.compatible else "  (another embedding model: delete and upsert again)"
+        print(
+            f"{c.name}: {c.document_count} documents, {c.passage_count} passages, {c.size_bytes / 1e6:.1f} MB, "
+            f"{c.embedding_model}, updated {c.update_time:%Y-%m-%d %H:%M:%S}{state}"
+        )
+    return 0
+
+
+def collections_upsert(args: argparse.Namespace) -> int:
+    """Upsert documents from files into a collection, in batches (each batch durable when it returns)."""
+    documents = read_documents(args.files)
+    upserted = embedded = 0
+    with _client(args) as client:
+        for first in range(0, len(documents), args.batch_size):
+            result = client.upsert_documents(args.collection, documents[first : first + args.batch_size])
+            upserted += result.upserted_documents
+            embedded += result.embedded_passages
+            print(f"{upserted}/{len(documents)} documents", file=sys.stderr)
+    info = result.collection
+    print(
+        f"{args.collection}: upserted {upserted} documents ({embedded} passages embedded); now {info.document_count} "
+        f"documents, {info.passage_count} passages"
+    )
+    return 0
+
+
+def collections_delete_documents(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.delete_documents(args.collection, args.ids)
+    print(f"{args.collection}: deleted {result.deleted_documents} documents")
+    for missing in result.not_found:
+        print(f"not found: {missing}", file=sys.stderr)
+    return 0
+
+
+def collections_drop(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_collection(args.collection)
+    print(f"deleted collection {args.collection}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 import grpc
@@ -101,8 +102,21 @@ def build_generation(
     return request
 
 
+def build_documents(documents: Sequence[Mapping[str, Any]]) -> list[pb.Document]:
+    """Documents given as {"id", "text", "title"?, "metadata"?} mappings."""
+    return [
+        pb.Document(id=d["id"], text=d["text"], title=d.get("title", ""), metadata=d.get("metadata", {}))
+        for d in documents
+    ]
+
+
 def build_rag_query(
-    query: str, documents: Sequence[Mapping[str, Any]], top_k: int | None, options: GenerationOptions
+    query: str,
+    documents: Sequence[Mapping[str, Any]],
+    collection: str,
+    top_k: int | None,
+    min_similarity: float | None,
+    options: GenerationOptions,
 ) -> pb.RagQueryRequest:
     not_for_rag = set(options) - {"adapter_id", *_SAMPLING, *_STOPPING, "stop_sequences"}
     if not_for_rag:
@@ -110,13 +124,13 @@ def build_rag_query(
     request = pb.RagQueryRequest(
         query=query,
         adapter_id=options.get("adapter_id", ""),
-        documents=[
-            pb.Document(id=d["id"], text=d["text"], title=d.get("title", ""), metadata=d.get("metadata", {}))
-            for d in documents
-        ],
+        documents=build_documents(documents),
+        collection=collection,
     )
     if top_k is not None:
         request.top_k = top_k
+    if min_similarity is not None:
+        request.min_similarity = min_similarity
     _fill(request.sampling, options, _SAMPLING)
     _fill(request.stopping, options, _STOPPING)
     request.stopping.stop_sequences.extend(options.get("stop_sequences", ()))
@@ -219,7 +233,7 @@ class StreamChunk:
 
 @dataclass(frozen=True)
 class Source:
-    """A passage the answer was given."""
+    """A passage the answer was given; the answer cites it as [rank] when `cited`."""
 
     document_id: str
     title: str
@@ -227,6 +241,31 @@ class Source:
     score: float
     rank: int
     metadata: dict[str, str] = field(default_factory=dict)
+    cited: bool = False
+    similarity: float = 0.0
+    bm25_score: float | None = None
+    collection: str = ""
+    passage_index: int = 0
+    start_char: int = 0
+    end_char: int = 0
+
+    @classmethod
+    def from_proto(cls, s: pb.Source) -> Source:
+        return cls(
+            document_id=s.document_id,
+            title=s.title,
+            passage=s.passage,
+            score=s.score,
+            rank=s.rank,
+            metadata=dict(s.metadata),
+            cited=s.cited,
+            similarity=s.similarity,
+            bm25_score=s.bm25_score if s.HasField("bm25_score") else None,
+            collection=s.collection,
+            passage_index=s.passage_index,
+            start_char=s.start_char,
+            end_char=s.end_char,
+        )
 
 
 @dataclass(frozen=True)
@@ -243,9 +282,7 @@ class RagAnswer:
     def from_proto(cls, r: pb.RagQueryResponse) -> RagAnswer:
         return cls(
             text=r.text,
-            sources=tuple(
-                Source(s.document_id, s.title, s.passage, s.score, s.rank, dict(s.metadata)) for s in r.sources
-            ),
+            sources=tuple(Source.from_proto(s) for s in r.sources),
             stop_reason=StopReason.from_proto(r.stop_reason),
             input_token_count=r.input_token_count,
             generated_token_count=r.generated_token_count,
@@ -309,3 +346,53 @@ class ModelInfo:
             limits={f.name: getattr(r.limits, f.name) for f in r.limits.DESCRIPTOR.fields},
             stats={f.name: getattr(r.stats, f.name) for f in r.stats.DESCRIPTOR.fields},
         )
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """A stored collection; `compatible` is False when the server now embeds with another model."""
+
+    name: str
+    document_count: int
+    passage_count: int
+    embedding_model: str
+    compatible: bool
+    size_bytes: int
+    create_time: datetime
+    update_time: datetime
+
+    @classmethod
+    def from_proto(cls, c: pb.CollectionInfo) -> CollectionInfo:
+        return cls(
+            name=c.name,
+            document_count=c.document_count,
+            passage_count=c.passage_count,
+            embedding_model=c.embedding_model,
+            compatible=c.compatible,
+            size_bytes=c.size_bytes,
+            create_time=c.create_time.ToDatetime(tzinfo=UTC),
+            update_time=c.update_time.ToDatetime(tzinfo=UTC),
+        )
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    collection: CollectionInfo
+    upserted_documents: int
+    passages: int
+    embedded_passages: int  # the rest reused the embedding of an unchanged passage
+
+    @classmethod
+    def from_proto(cls, r: pb.UpsertDocumentsResponse) -> UpsertResult:
+        return cls(CollectionInfo.from_proto(r.collection), r.upserted_documents, r.passages, r.embedded_passages)
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    collection: CollectionInfo
+    deleted_documents: int
+    not_found: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, r: pb.DeleteDocumentsResponse) -> DeleteResult:
+        return cls(CollectionInfo.from_proto(r.collection), r.deleted_documents, tuple(r.not_found))

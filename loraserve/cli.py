@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from loraserve import __version__
 from loraserve.client import commands as client_commands
@@ -15,6 +15,7 @@ from loraserve.config import (
     EngineConfig,
     LogConfig,
     ModelConfig,
+    RagConfig,
     ServerConfig,
     add_options,
     from_namespace,
@@ -23,15 +24,43 @@ from loraserve.errors import ConfigError
 from loraserve.logs import configure_logging_from
 from loraserve.trainer.commands import add_commands as add_trainer_commands
 
+SERVE_CONFIGS = (ModelConfig, EngineConfig, RagConfig, ServerConfig, LogConfig)
+
 
 def _serve(args: argparse.Namespace) -> int:
     server_config = from_namespace(ServerConfig, args)
     model_config = from_namespace(ModelConfig, args)
     engine_config = from_namespace(EngineConfig, args)
+    rag_config = from_namespace(RagConfig, args)
     configure_logging_from(args)
     from loraserve.server.app import serve
 
-    return serve(model_config, engine_config, server_config)
+    return serve(model_config, engine_config, server_config, rag_config)
+
+
+def add_collection_commands(commands: argparse._SubParsersAction) -> None:
+    collections = commands.add_parser(
+        "collections", help="manage the server's stored document collections", description="Manage collections."
+    )
+    actions = collections.add_subparsers(dest="collections_command", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        add_options(sub, ClientConfig)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    listing = action("list", "list the collections and their sizes", client_commands.collections_list)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    upsert = action("upsert", "add or replace documents from files", client_commands.collections_upsert)
+    upsert.add_argument("collection", help="the collection (created when missing)")
+    upsert.add_argument("files", nargs="+", help="text files (one document each, id = file name) or .jsonl files")
+    upsert.add_argument("--batch-size", type=int, default=64, help="documents per request (default: 64)")
+    delete = action("delete-documents", "remove documents by id", client_commands.collections_delete_documents)
+    delete.add_argument("collection", help="the collection")
+    delete.add_argument("ids", nargs="+", help="document ids")
+    drop = action("drop", "delete a collection and everything in it", client_commands.collections_drop)
+    drop.add_argument("collection", help="the collection")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC server", description="Run the gRPC inference server.")
-    for config_cls in (ModelConfig, EngineConfig, ServerConfig, LogConfig):
+    for config_cls in SERVE_CONFIGS:
         add_options(serve, config_cls)
     serve.set_defaults(handler=_serve)
 
@@ -66,12 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message that starts the conversation")
     client_commands.add_generation_flags(chat)
 
-    rag = client_parser("rag", "answer a question from documents")
+    rag = client_parser("rag", "answer a question from documents, a stored collection, or both")
     rag.add_argument("query", help="the question")
-    rag.add_argument("--document", action="append", required=True, metavar="FILE", help="a text file (repeatable)")
-    rag.add_argument("--top-k-passages", type=int, help="passages to give the model (default: the server's)")
+    rag.add_argument(
+        "--document", action="append", default=[], metavar="FILE", help="a document file or .jsonl (repeatable)"
+    )
+    rag.add_argument("--collection", help="a stored collection to search")
+    rag.add_argument("--top-k-passages", type=int, help="passages to give the model (default: 3)")
+    rag.add_argument("--min-similarity", type=float, help="least question-passage similarity (default: the server's)")
     rag.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     client_commands.add_generation_flags(rag)
+
+    add_collection_commands(commands)
 
     info = client_parser("info", "describe the served model, adapters, limits and live stats")
     info.add_argument("--json", action="store_true", help="print JSON")

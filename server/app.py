@@ -20,10 +20,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraserve.config import EngineConfig, ModelConfig, ServerConfig
+from loraserve.config import EngineConfig, ModelConfig, RagConfig, ServerConfig
 from loraserve.errors import ConfigError
 from loraserve.server.interceptors import AccessInterceptor
-from loraserve.server.servicer import AdapterServicer, InferenceServicer
+from loraserve.server.retrieval.retriever import Retriever
+from loraserve.server.servicer import AdapterServicer, CollectionServicer, InferenceServicer
 from loraserve.server.telemetry import Telemetry
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 ADAPTER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterService"].full_name
+COLLECTION_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CollectionService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
 # Leave room above the engine's capacity so health checks and ModelInfo always find a free thread.
 SPARE_RPC_THREADS = 16
@@ -68,12 +70,21 @@ class LoraServer:
     """The gRPC server and the engine behind it. start() listens at once (health NOT_SERVING); load() brings the
     model up (SERVING); drain() and stop() take it down."""
 
-    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, server_config: ServerConfig) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        server_config: ServerConfig,
+        rag_config: RagConfig | None = None,
+    ) -> None:
         self.model_config = model_config
         self.engine_config = engine_config
         self.server_config = server_config
-        self.servicer = InferenceServicer()
+        self.rag_config = rag_config or RagConfig()
+        self.retriever = Retriever(self.rag_config)
+        self.servicer = InferenceServicer(self.retriever, self.rag_config)
         self.adapter_servicer = AdapterServicer(model_config)
+        self.collection_servicer = CollectionServicer(self.retriever, self.rag_config)
         self.health = health.HealthServicer()
         self.engine: Engine | None = None
         self.telemetry: Telemetry | None = None
@@ -86,8 +97,10 @@ class LoraServer:
             self.engine_config.max_batch_size + self.engine_config.max_queued_requests + SPARE_RPC_THREADS
         )
         config = self.server_config
+        logger.info("embedding model", extra={"embedding_model": self.retriever.embedder.identity})  # checks it
         self.telemetry = Telemetry(config.metrics_port, config.host)
-        self.servicer.telemetry = self.adapter_servicer.telemetry = self.telemetry
+        for servicer in (self.servicer, self.adapter_servicer, self.collection_servicer):
+            servicer.telemetry = self.telemetry
         from opentelemetry.instrumentation.grpc import server_interceptor
 
         server = grpc.server(
@@ -105,11 +118,13 @@ class LoraServer:
         )
         pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
         pb_grpc.add_AdapterServiceServicer_to_server(self.adapter_servicer, server)
+        pb_grpc.add_CollectionServiceServicer_to_server(self.collection_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
                 ADAPTER_SERVICE_NAME,
+                COLLECTION_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -192,6 +207,7 @@ class LoraServer:
             self.engine.stop()
         if self._server is not None:
             self._server.stop(grace=1.0).wait()
+        self.retriever.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
         logger.info("stopped")
@@ -205,7 +221,9 @@ class LoraServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def serve(model_config: ModelConfig, engine_config: EngineConfig, server_config: ServerConfig) -> int:
+def serve(
+    model_config: ModelConfig, engine_config: EngineConfig, server_config: ServerConfig, rag_config: RagConfig
+) -> int:
     """Run until SIGTERM or SIGINT; then drain for the grace period and exit 0. A second signal ends the drain at
     once (what is left ends as CANCELLED)."""
     signals: list[str] = []
@@ -216,7 +234,7 @@ def serve(model_config: ModelConfig, engine_config: EngineConfig, server_config:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = LoraServer(model_config, engine_config, server_config)
+    server = LoraServer(model_config, engine_config, server_config, rag_config)
     server.start()
     try:
         server.load()

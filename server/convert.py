@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from loraserve.config import EngineConfig
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from loraserve.config import EngineConfig, RagConfig
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message, validate_messages
 from loraserve.server.adapters import AdapterInfo
 from loraserve.server.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail
 from loraserve.server.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
-from loraserve.server.rag import DEFAULT_TOP_K, Document, RagAnswer, RagQuery
+from loraserve.server.rag import DEFAULT_TOP_K, MAX_TOP_K, RagAnswer, RagQuery
+from loraserve.server.retrieval.documents import Document, check_documents
+from loraserve.server.retrieval.search import Hit
+from loraserve.server.retrieval.store import CollectionInfo, UpsertOutcome
 from loraserve.v1 import inference_pb2 as pb
 
 if TYPE_CHECKING:  # both modules import torch, which the gRPC side never loads itself
@@ -95,17 +100,22 @@ def generation_request(message: _GenerateLike, request_id: str, deadline: float 
     )
 
 
-def rag_query(message: pb.RagQueryRequest, request_id: str, deadline: float | None, max_documents: int) -> RagQuery:
-    if len(message.documents) > max_documents:
+def documents(items: Iterable[pb.Document]) -> tuple[Document, ...]:
+    return tuple(Document(id=d.id, text=d.text, title=d.title, metadata=dict(d.metadata)) for d in items)
+
+
+def rag_query(message: pb.RagQueryRequest, request_id: str, deadline: float | None, config: RagConfig) -> RagQuery:
+    if len(message.query) > config.max_rag_query_chars:
         raise InvalidRequest(
-            f"at most {max_documents} documents are allowed, got {len(message.documents)}", "documents"
+            f"has {len(message.query)} characters; at most {config.max_rag_query_chars} are allowed", "query"
         )
-    documents = tuple(
-        Document(id=d.id, text=d.text, title=d.title, metadata=dict(d.metadata)) for d in message.documents
-    )
+    inline = documents(message.documents)
+    check_documents(inline, config.max_rag_documents, config.max_rag_document_chars, "documents")
     return RagQuery(
         query=message.query,
-        documents=documents,
+        documents=inline,
+        collection=message.collection,
+        min_similarity=_optional(message, "min_similarity", None),
         top_k=_optional(message, "top_k", DEFAULT_TOP_K),
         adapter_id=message.adapter_id,
         sampling=sampling_params(message.sampling),
@@ -164,21 +174,32 @@ def stream_response(chunk: GenerationChunk) -> pb.GenerateStreamResponse:
     return pb.GenerateStreamResponse(**_generation_fields(chunk))
 
 
+def source(rank: int, cited: bool, hit: Hit) -> pb.Source:
+    passage = hit.passage
+    message = pb.Source(
+        document_id=passage.document_id,
+        title=passage.title,
+        passage=passage.text,
+        score=hit.score,
+        rank=rank,
+        metadata=passage.metadata,
+        cited=cited,
+        similarity=hit.similarity,
+        collection=hit.collection,
+        passage_index=passage.index,
+        start_char=passage.start,
+        end_char=passage.end,
+    )
+    if hit.bm25 is not None:
+        message.bm25_score = hit.bm25
+    return message
+
+
 def rag_response(answer: RagAnswer) -> pb.RagQueryResponse:
     response = pb.RagQueryResponse(
         text=answer.text,
         request_id=answer.request_id,
-        sources=[
-            pb.Source(
-                document_id=s.passage.document.id,
-                title=s.passage.document.title,
-                passage=s.passage.text,
-                score=s.score,
-                rank=s.rank,
-                metadata=dict(s.passage.document.metadata),
-            )
-            for s in answer.sources
-        ],
+        sources=[source(s.rank, s.cited, s.hit) for s in answer.sources],
     )
     result = answer.result
     if result is not None:
@@ -190,7 +211,7 @@ def rag_response(answer: RagAnswer) -> pb.RagQueryResponse:
     return response
 
 
-def server_limits(config: EngineConfig) -> pb.ServerLimits:
+def server_limits(config: EngineConfig, rag: RagConfig) -> pb.ServerLimits:
     return pb.ServerLimits(
         max_new_tokens=config.max_new_tokens,
         default_max_new_tokens=config.default_max_new_tokens,
@@ -199,8 +220,12 @@ def server_limits(config: EngineConfig) -> pb.ServerLimits:
         max_batch_size=config.max_batch_size,
         max_queued_requests=config.max_queued_requests,
         max_top_n=config.max_top_n,
-        max_rag_documents=config.max_rag_documents,
+        max_rag_documents=rag.max_rag_documents,
         max_prefill_tokens=config.max_prefill_tokens,
+        max_rag_document_chars=rag.max_rag_document_chars,
+        max_rag_query_chars=rag.max_rag_query_chars,
+        max_upsert_documents=rag.max_upsert_documents,
+        max_rag_top_k=MAX_TOP_K,
     )
 
 
@@ -225,9 +250,11 @@ def model_info_response(
     description: ModelDescription,
     adapters: list[AdapterInfo],
     config: EngineConfig,
+    rag: RagConfig,
     stats: EngineStats,
     prompt_format: str,
     version: str,
+    embedding_model: str,
 ) -> pb.ModelInfoResponse:
     return pb.ModelInfoResponse(
         model_name=description.name,
@@ -240,7 +267,7 @@ def model_info_response(
         vocab_size=description.vocab_size,
         adapters=[adapter_info(a) for a in adapters],
         server_version=version,
-        limits=server_limits(config),
+        limits=server_limits(config, rag),
         stats=pb.ServerStats(
             active_requests=stats.active_requests,
             queued_requests=stats.queued_requests,
@@ -251,4 +278,41 @@ def model_info_response(
             kv_cache_used_tokens=stats.kv_cache_used_tokens,
         ),
         prompt_format=prompt_format,
+        embedding_model=embedding_model,
+    )
+
+
+def upsert_documents(message: pb.UpsertDocumentsRequest, config: RagConfig) -> tuple[Document, ...]:
+    items = documents(message.documents)
+    if not items:
+        raise InvalidRequest("must contain at least one document", "documents")
+    check_documents(items, config.max_upsert_documents, config.max_rag_document_chars, "documents")
+    return items
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def collection_info(info: CollectionInfo) -> pb.CollectionInfo:
+    return pb.CollectionInfo(
+        name=info.name,
+        document_count=info.documents,
+        passage_count=info.passages,
+        embedding_model=info.embedding_model,
+        compatible=info.compatible,
+        size_bytes=info.size_bytes,
+        create_time=_timestamp(info.created),
+        update_time=_timestamp(info.updated),
+    )
+
+
+def upsert_response(outcome: UpsertOutcome, info: CollectionInfo) -> pb.UpsertDocumentsResponse:
+    return pb.UpsertDocumentsResponse(
+        collection=collection_info(info),
+        upserted_documents=outcome.documents,
+        passages=outcome.passages,
+        embedded_passages=outcome.embedded,
     )

@@ -1,6 +1,6 @@
 """Who may call what, and how often: bearer-token authentication (UNAUTHENTICATED), admin tokens for AdapterService
-(PERMISSION_DENIED), and a token bucket per client (RESOURCE_EXHAUSTED with a retry hint). Health, reflection and
-Ready stay open, so load balancers and grpcurl can probe without a token."""
+and the RPCs that change collections (PERMISSION_DENIED), and a token bucket per client (RESOURCE_EXHAUSTED with a
+retry hint). Health, reflection and Ready stay open, so load balancers and grpcurl can probe without a token."""
 
 from __future__ import annotations
 
@@ -21,7 +21,13 @@ from loraserve.config import ServerConfig
 from loraserve.errors import ConfigError
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/loraserve.v1.InferenceService/Ready")
-ADMIN_PREFIX = "/loraserve.v1.AdapterService/"
+# Changing what the server holds: adapters, and the stored collections.
+ADMIN_METHODS = (
+    "/loraserve.v1.AdapterService/",
+    "/loraserve.v1.CollectionService/UpsertDocuments",
+    "/loraserve.v1.CollectionService/DeleteDocuments",
+    "/loraserve.v1.CollectionService/DeleteCollection",
+)
 RETRY_AFTER_HEADER = "retry-after-ms"
 MAX_CLIENTS_TRACKED = 10_000
 
@@ -96,8 +102,8 @@ class AccessInterceptor(grpc.ServerInterceptor):
                 )
             if not _matches(token, self.tokens):
                 return Denial(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid for this server")
-        if method.startswith(ADMIN_PREFIX) and self.admin_tokens and not _matches(token, self.admin_tokens):
-            return Denial(grpc.StatusCode.PERMISSION_DENIED, "AdapterService needs an admin token")
+        if method.startswith(ADMIN_METHODS) and self.admin_tokens and not _matches(token, self.admin_tokens):
+            return Denial(grpc.StatusCode.PERMISSION_DENIED, f"{method.strip('/')} needs an admin token")
         if self.limiter is not None:
             key = hashlib.sha256(token.encode()).hexdigest() if token else peer.rsplit(":", 1)[0]
             wait = self.limiter.take(key)

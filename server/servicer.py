@@ -1,5 +1,5 @@
-"""The servicers of InferenceService and AdapterService: one short method per RPC (request id, convert, submit,
-translate, return). No tensors here; the engine does the work."""
+"""The servicers of InferenceService, AdapterService and CollectionService: one short method per RPC (request id,
+convert, submit, translate, return). No tensors here; the engine and the retriever do the work."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from loraserve import __version__
-from loraserve.config import ModelConfig
+from loraserve.config import ModelConfig, RagConfig
 from loraserve.errors import Unavailable
 from loraserve.server import convert, rag
 from loraserve.server.adapter_sources import resolve_source
@@ -22,6 +22,7 @@ from loraserve.v1 import inference_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from loraserve.server.engine import Engine
     from loraserve.server.request_stream import RequestStream
+    from loraserve.server.retrieval.retriever import Retriever
     from loraserve.server.telemetry import Telemetry
 
 
@@ -57,6 +58,11 @@ class EngineHolder:
 class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
     """Serves loraserve.v1.InferenceService."""
 
+    def __init__(self, retriever: Retriever, rag_config: RagConfig) -> None:
+        super().__init__()
+        self.retriever = retriever
+        self.rag_config = rag_config
+
     @rpc_method
     def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext, request_id: str) -> pb.ReadyResponse:
         self.engine.check_accepting()
@@ -86,8 +92,10 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
         self, request: pb.RagQueryRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.RagQueryResponse:
         engine = self.engine
-        query = convert.rag_query(request, request_id, deadline_of(context), engine.config.max_rag_documents)
-        answer = rag.answer(query, engine.submit, on_stream=lambda stream: cancel_with_call(context, stream))
+        query = convert.rag_query(request, request_id, deadline_of(context), self.rag_config)
+        answer = rag.answer(
+            query, self.retriever, engine.submit, on_stream=lambda stream: cancel_with_call(context, stream)
+        )
         return convert.rag_response(answer)
 
     @rpc_method
@@ -99,9 +107,11 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
             engine.loaded.description,
             engine.adapters.infos(),
             engine.config,
+            self.rag_config,
             engine.stats(),
             engine.loaded.prompt_format.name,
             __version__,
+            self.retriever.embedding_model,
         )
 
     @rpc_method
@@ -145,3 +155,44 @@ class AdapterServicer(EngineHolder, pb_grpc.AdapterServiceServicer):
         return pb.ListAdaptersResponse(
             adapters=[convert.adapter_info(a) for a in adapters.infos()], max_adapters=adapters.max_adapters
         )
+
+
+class CollectionServicer(pb_grpc.CollectionServiceServicer):
+    """Serves loraserve.v1.CollectionService: stored document collections (they need no model, only embeddings)."""
+
+    def __init__(self, retriever: Retriever, rag_config: RagConfig) -> None:
+        self.retriever = retriever
+        self.rag_config = rag_config
+        self.telemetry: Telemetry | None = None
+
+    @rpc_method
+    def UpsertDocuments(
+        self, request: pb.UpsertDocumentsRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.UpsertDocumentsResponse:
+        documents = convert.upsert_documents(request, self.rag_config)
+        outcome, info = self.retriever.upsert(request.collection, documents)
+        return convert.upsert_response(outcome, info)
+
+    @rpc_method
+    def DeleteDocuments(
+        self, request: pb.DeleteDocumentsRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.DeleteDocumentsResponse:
+        deleted, not_found, info = self.retriever.delete_documents(request.collection, list(request.document_ids))
+        return pb.DeleteDocumentsResponse(
+            collection=convert.collection_info(info), deleted_documents=deleted, not_found=not_found
+        )
+
+    @rpc_method
+    def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.ListCollectionsResponse:
+        return pb.ListCollectionsResponse(
+            collections=[convert.collection_info(c) for c in self.retriever.collections()]
+        )
+
+    @rpc_method
+    def DeleteCollection(
+        self, request: pb.DeleteCollectionRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.DeleteCollectionResponse:
+        self.retriever.drop(request.name)
+        return pb.DeleteCollectionResponse(name=request.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loraserve.client import Client
-from loraserve.config import EngineConfig, ModelConfig, ServerConfig
+from loraserve.config import EngineConfig, ModelConfig, RagConfig, ServerConfig
 
 TINY_ADAPTERS = {"alpha": 4, "beta": 8}  # id -> rank: adapters of different ranks coexist
 
@@ -110,7 +111,8 @@ ServerFactory = Callable[..., "RunningServer"]
 
 
 class RunningServer:
-    """An in-process LoraServer on a free 127.0.0.1 port, with a client for it."""
+    """An in-process LoraServer on a free 127.0.0.1 port, with a client for it. Its collections live in a temporary
+    folder unless rag_options name one."""
 
     def __init__(
         self,
@@ -119,12 +121,15 @@ class RunningServer:
         load: bool = True,
         server_options: dict | None = None,
         client_options: dict | None = None,
+        rag_options: dict | None = None,
     ) -> None:
         from loraserve.server.app import LoraServer
 
         options = {"host": "127.0.0.1", "port": 0, "grace_period": 5.0, "metrics_port": 0} | (server_options or {})
         server_config = ServerConfig(**options)
-        self.server = LoraServer(model_config, engine_config, server_config)
+        self._store = tempfile.TemporaryDirectory(prefix="loraserve-collections-")
+        rag_config = RagConfig(**({"rag_store": self._store.name} | (rag_options or {})))
+        self.server = LoraServer(model_config, engine_config, server_config, rag_config)
         self.port = self.server.start()
         self.target = f"127.0.0.1:{self.port}"
         if load:
@@ -134,6 +139,7 @@ class RunningServer:
     def close(self) -> None:
         self.client.close()
         self.server.stop()
+        self._store.cleanup()
 
 
 @pytest.fixture
@@ -146,12 +152,15 @@ def start_server(tiny_model_config: ModelConfig) -> Iterator[ServerFactory]:
         model_config: ModelConfig | None = None,
         server_options: dict | None = None,
         client_options: dict | None = None,
+        rag_options: dict | None = None,
         **engine_options: object,
     ) -> RunningServer:
         if model_config is None:  # the tiny model needs little cache; the automatic size would take 2 GiB each
             engine_options.setdefault("kv_cache_memory", "64MB")
         engine_config = replace(EngineConfig(), **engine_options)
-        running = RunningServer(model_config or tiny_model_config, engine_config, load, server_options, client_options)
+        running = RunningServer(
+            model_config or tiny_model_config, engine_config, load, server_options, client_options, rag_options
+        )
         started.append(running)
         return running
 
@@ -225,3 +234,51 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"bucket-{time.monotonic_ns()}"
     s3_client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real embedding model (all-MiniLM-L6-v2 from its package), loaded once."""
+    from loraserve.server.retrieval.embedding import Embedder
+
+    model = Embedder("default")
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function that picks a free 127.0.0.1 port."""
+
+    def pick() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
+
+
+@pytest.fixture(scope="session")
+def wait_for_health() -> Callable[..., list[str]]:
+    """A function that polls a `loraserve serve` process's health until it reports `wanted` (bounded, and only while
+    the process runs); it returns the statuses seen."""
+    import time
+
+    from loraserve.client import LoraserveRpcError
+
+    def wait(client: Client, wanted: str, process, timeout: float = 120.0) -> list[str]:  # type: ignore[no-untyped-def]
+        seen: list[str] = []
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and process.poll() is None:
+            try:
+                seen.append(client.health(timeout=1))
+            except LoraserveRpcError as error:
+                seen.append(error.code.name)
+            if seen[-1] == wanted:
+                return seen
+            time.sleep(0.05)
+        raise AssertionError(f"health never became {wanted}; saw {seen[-5:]}; server exit code {process.poll()}")
+
+    return wait

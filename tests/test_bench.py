@@ -77,3 +77,20 @@ def test_training_gpu_script_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "train-gpu-tiny-cpu.json").read_text())
     assert figures["lora"]["tokens_per_s"] > 0 and figures["qlora"].startswith("skipped")
+
+
+def test_retrieval_script_meets_the_quality_bar_on_the_labelled_set(tmp_path: Path) -> None:
+    result = run("bench/retrieval.py", "--passages", "400", "--repeats", "1", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "retrieval-cpu.json").read_text())
+    labelled = summary["labelled_set"]
+    assert labelled["questions"] >= 50 and labelled["passages"] >= 200 and labelled["unanswerable_questions"] > 0
+    quality = labelled["quality"]
+    assert quality["hybrid"]["recall@3"] >= 0.9  # the bar the retrieval is held to
+    assert {"bm25", "dense", "hybrid", "rrf"} <= set(quality) and all(0 < q["mrr"] <= 1 for q in quality.values())
+    default = [t for t in labelled["threshold_sweep"] if t["min_similarity"] == labelled["default_min_similarity"]]
+    assert default and default[0]["answerable_with_answer_in_top3"] >= 0.9
+    assert summary["collection"]["passages"] == 400 and summary["collection"]["query_ms_p50"] > 0
+    embedders = summary["embedders"]
+    assert set(embedders["passages_per_second"]) == {"transformers (server)", "sentence-transformers"}
+    assert embedders["max_abs_difference"] < 1e-4  # the server's embeddings are sentence-transformers' embeddings

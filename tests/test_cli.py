@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,13 +25,7 @@ def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None)
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_health_exit_code_is_the_container_check(tiny_server) -> None:
+def test_health_exit_code_is_the_container_check(tiny_server, free_port) -> None:
     serving = cli("health", "--target", tiny_server.target)
     assert serving.returncode == 0 and serving.stdout.strip() == "SERVING"
     nobody = cli("health", "--target", f"127.0.0.1:{free_port()}", "--check-timeout", "1")
@@ -110,24 +103,8 @@ def test_configuration_errors_exit_2_with_the_option_named(tiny_model_dir: Path)
     assert bad_adapter.returncode == 2 and "no adapter_config.json" in bad_adapter.stderr
 
 
-def wait_for_health(client: Client, wanted: str, process: subprocess.Popen, timeout: float = 120.0) -> list[str]:
-    """Poll health until it reports `wanted` (bounded, and only while the server process runs)."""
-    seen: list[str] = []
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and process.poll() is None:
-        try:
-            seen.append(client.health(timeout=1))
-        except LoraserveRpcError as error:
-            seen.append(error.code.name)
-        if seen[-1] == wanted:
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"health never became {wanted}; saw {seen[-5:]}; server exit code {process.poll()}")
-
-
-def start_default_server(model_cache_dir: Path, grace_period: float) -> tuple[subprocess.Popen, int, list[str]]:  # type: ignore[type-arg]
+def start_default_server(model_cache_dir: Path, grace_period: float, port: int) -> tuple[subprocess.Popen, list[str]]:  # type: ignore[type-arg]
     """`loraserve serve` on the real default model (its decoding is slow enough for streams to be in flight)."""
-    port = free_port()
     process = subprocess.Popen(
         [
             *LORASERVE,
@@ -154,12 +131,13 @@ def start_default_server(model_cache_dir: Path, grace_period: float) -> tuple[su
     )
     logs: list[str] = []
     threading.Thread(target=lambda: logs.extend(process.stderr), daemon=True).start()  # type: ignore[arg-type]
-    return process, port, logs
+    return process, logs
 
 
 @pytest.mark.slow
-def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
-    process, port, logs = start_default_server(model_cache_dir, grace_period=60)
+def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path, free_port, wait_for_health) -> None:
+    port = free_port()
+    process, logs = start_default_server(model_cache_dir, 60, port)
     client = Client(f"127.0.0.1:{port}", timeout=60)
     try:
         wait_for_health(client, "SERVING", process, timeout=300)
@@ -191,10 +169,13 @@ def test_serve_drains_on_sigterm_and_exits_0(model_cache_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("second_signal", [False, True])
-def test_what_outlasts_the_grace_period_is_cancelled(model_cache_dir: Path, second_signal: bool) -> None:
+def test_what_outlasts_the_grace_period_is_cancelled(
+    model_cache_dir: Path, second_signal: bool, free_port, wait_for_health
+) -> None:
     """The grace period ends (or a second SIGTERM comes) with a stream still running: it ends with CANCELLED and the
     process exits 0."""
-    process, port, _ = start_default_server(model_cache_dir, grace_period=60 if second_signal else 1)
+    port = free_port()
+    process, _ = start_default_server(model_cache_dir, 60 if second_signal else 1, port)
     client = Client(f"127.0.0.1:{port}", timeout=120)
     try:
         wait_for_health(client, "SERVING", process, timeout=300)

@@ -8,10 +8,9 @@ from dataclasses import fields
 
 import pytest
 
-from loraserve.cli import build_parser
+from loraserve.cli import SERVE_CONFIGS, build_parser
 from loraserve.config import (
     EngineConfig,
-    LogConfig,
     ModelConfig,
     ServerConfig,
     add_options,
@@ -77,7 +76,7 @@ def test_serve_help_explains_every_option(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     text = capsys.readouterr().out
-    for config_cls in (ModelConfig, EngineConfig, ServerConfig, LogConfig):
+    for config_cls in SERVE_CONFIGS:
         for f in fields(config_cls):
             assert flag_name(f) in text
             assert env_name(f) in text

@@ -55,3 +55,20 @@ def test_model_info_describes_the_default_model(default_server) -> None:
     assert info.model_name == "SmolLM2-135M-Instruct" and info.model_source == "default"
     assert info.architecture == "LlamaForCausalLM" and info.max_sequence_length == 8192
     assert info.vocab_size == 49152 and info.prompt_format == "chat-template"
+
+
+def test_rag_answers_from_the_passage_it_cites(default_server) -> None:
+    documents = [
+        {
+            "id": "incident-policy",
+            "title": "Incident response",
+            "text": "On-call engineers must acknowledge a SEV1 page within 15 minutes and join the incident bridge.",
+        },
+        {"id": "lunch", "title": "Canteen", "text": "The canteen serves lunch from noon until two in the afternoon."},
+    ]
+    answer = default_server.client.rag_query(
+        "How quickly must the on-call engineer acknowledge a SEV1 page?", documents=documents, max_new_tokens=40
+    )
+    assert "15 minutes" in answer.text, answer.text
+    assert [s.document_id for s in answer.sources] == ["incident-policy"]
+    assert answer.sources[0].cited and "[1]" in answer.text

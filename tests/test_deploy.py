@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraserve.config import EngineConfig, LogConfig, ModelConfig, ServerConfig, env_name
+from loraserve.cli import SERVE_CONFIGS
+from loraserve.config import ServerConfig, env_name
 from loraserve.v1 import inference_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-ENV_NAMES = {env_name(f) for cls in (ModelConfig, EngineConfig, ServerConfig, LogConfig) for f in fields(cls)}
+ENV_NAMES = {env_name(f) for cls in SERVE_CONFIGS for f in fields(cls)}
 SECRET_ENV = {"LORASERVE_AUTH_TOKENS", "LORASERVE_ADMIN_TOKENS"}
 
 
@@ -66,7 +67,7 @@ def test_the_image_runs_serve_checks_health_and_is_unprivileged() -> None:
     assert user.split(":")[0].isdigit() and user.split(":")[0] != "0"
     assert re.search(r"^EXPOSE 50051 9464$", dockerfile, re.MULTILINE)
     assert (ServerConfig().port, ServerConfig().metrics_port) == (50051, 9464)
-    assert re.search(r'^VOLUME \["/var/cache/loraserve"\]', dockerfile, re.MULTILINE)
+    assert re.search(r'^VOLUME \["/var/cache/loraserve", "/var/lib/loraserve"\]', dockerfile, re.MULTILINE)
     assert set(re.findall(r"\b(LORASERVE_[A-Z_]+)=", dockerfile)) <= ENV_NAMES
     assert "ARG VARIANT=cpu" in dockerfile and "cu128" in dockerfile
 

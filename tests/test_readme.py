@@ -7,7 +7,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from loraserve.config import EngineConfig, LogConfig, ModelConfig, ServerConfig, flag_name
+from loraserve.cli import SERVE_CONFIGS
+from loraserve.config import flag_name
 from loraserve.trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_every_option_is_in_the_readme() -> None:
-    for config_cls in (ModelConfig, EngineConfig, ServerConfig, LogConfig):
+    for config_cls in SERVE_CONFIGS:
         for f in fields(config_cls):
             assert f"`{flag_name(f)}`" in README, f"{flag_name(f)} is not documented"
     for f in fields(TrainConfig):  # the train table lists YAML keys; the flags are the keys with dashes

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -194,23 +197,27 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RagQueryRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_k", "adapter_id", "sampling", "stopping")
+    __slots__ = ("query", "documents", "top_k", "adapter_id", "sampling", "stopping", "collection", "min_similarity")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_k: int
     adapter_id: str
     sampling: SamplingParams
     stopping: StoppingCriteria
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_k: _Optional[int] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ...) -> None: ...
+    collection: str
+    min_similarity: float
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_k: _Optional[int] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., collection: _Optional[str] = ..., min_similarity: _Optional[float] = ...) -> None: ...
 
 class Source(_message.Message):
-    __slots__ = ("document_id", "title", "passage", "score", "rank", "metadata")
+    __slots__ = ("document_id", "title", "passage", "score", "rank", "metadata", "cited", "similarity", "bm25_score", "collection", "passage_index", "start_char", "end_char")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -224,13 +231,27 @@ class Source(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    CITED_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    BM25_SCORE_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_CHAR_FIELD_NUMBER: _ClassVar[int]
+    END_CHAR_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     title: str
     passage: str
     score: float
     rank: int
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., passage: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    cited: bool
+    similarity: float
+    bm25_score: float
+    collection: str
+    passage_index: int
+    start_char: int
+    end_char: int
+    def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., passage: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., cited: _Optional[bool] = ..., similarity: _Optional[float] = ..., bm25_score: _Optional[float] = ..., collection: _Optional[str] = ..., passage_index: _Optional[int] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ...) -> None: ...
 
 class RagQueryResponse(_message.Message):
     __slots__ = ("text", "sources", "stop_reason", "input_token_count", "generated_token_count", "request_id", "seed")
@@ -325,7 +346,7 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., max_adapters: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents", "max_prefill_tokens")
+    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents", "max_prefill_tokens", "max_rag_document_chars", "max_rag_query_chars", "max_upsert_documents", "max_rag_top_k")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +356,10 @@ class ServerLimits(_message.Message):
     MAX_TOP_N_FIELD_NUMBER: _ClassVar[int]
     MAX_RAG_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RAG_DOCUMENT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RAG_QUERY_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPSERT_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RAG_TOP_K_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     default_max_new_tokens: int
     max_stop_sequences: int
@@ -344,7 +369,11 @@ class ServerLimits(_message.Message):
     max_top_n: int
     max_rag_documents: int
     max_prefill_tokens: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ...) -> None: ...
+    max_rag_document_chars: int
+    max_rag_query_chars: int
+    max_upsert_documents: int
+    max_rag_top_k: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., max_rag_document_chars: _Optional[int] = ..., max_rag_query_chars: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_rag_top_k: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
     __slots__ = ("active_requests", "queued_requests", "generated_tokens", "completed_requests", "uptime_seconds", "kv_cache_tokens", "kv_cache_used_tokens")
@@ -365,7 +394,7 @@ class ServerStats(_message.Message):
     def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., completed_requests: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_used_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "architecture", "dtype", "device", "quantization", "max_sequence_length", "vocab_size", "adapters", "server_version", "limits", "stats", "prompt_format")
+    __slots__ = ("model_name", "model_source", "architecture", "dtype", "device", "quantization", "max_sequence_length", "vocab_size", "adapters", "server_version", "limits", "stats", "prompt_format", "embedding_model")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -379,6 +408,7 @@ class ModelInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     architecture: str
@@ -392,7 +422,8 @@ class ModelInfoResponse(_message.Message):
     limits: ServerLimits
     stats: ServerStats
     prompt_format: str
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., prompt_format: _Optional[str] = ...) -> None: ...
+    embedding_model: str
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ..., prompt_format: _Optional[str] = ..., embedding_model: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "messages", "return_tokens")
@@ -411,3 +442,83 @@ class TokenizeResponse(_message.Message):
     token_count: int
     tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
     def __init__(self, token_count: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class CollectionInfo(_message.Message):
+    __slots__ = ("name", "document_count", "passage_count", "embedding_model", "compatible", "size_bytes", "create_time", "update_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    COMPATIBLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    document_count: int
+    passage_count: int
+    embedding_model: str
+    compatible: bool
+    size_bytes: int
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., document_count: _Optional[int] = ..., passage_count: _Optional[int] = ..., embedding_model: _Optional[str] = ..., compatible: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class UpsertDocumentsRequest(_message.Message):
+    __slots__ = ("collection", "documents")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    documents: _containers.RepeatedCompositeFieldContainer[Document]
+    def __init__(self, collection: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
+
+class UpsertDocumentsResponse(_message.Message):
+    __slots__ = ("collection", "upserted_documents", "passages", "embedded_passages")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    UPSERTED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDED_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    collection: CollectionInfo
+    upserted_documents: int
+    passages: int
+    embedded_passages: int
+    def __init__(self, collection: _Optional[_Union[CollectionInfo, _Mapping]] = ..., upserted_documents: _Optional[int] = ..., passages: _Optional[int] = ..., embedded_passages: _Optional[int] = ...) -> None: ...
+
+class DeleteDocumentsRequest(_message.Message):
+    __slots__ = ("collection", "document_ids")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    document_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collection: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteDocumentsResponse(_message.Message):
+    __slots__ = ("collection", "deleted_documents", "not_found")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    DELETED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    collection: CollectionInfo
+    deleted_documents: int
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collection: _Optional[_Union[CollectionInfo, _Mapping]] = ..., deleted_documents: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListCollectionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCollectionsResponse(_message.Message):
+    __slots__ = ("collections",)
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    collections: _containers.RepeatedCompositeFieldContainer[CollectionInfo]
+    def __init__(self, collections: _Optional[_Iterable[_Union[CollectionInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteCollectionRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteCollectionResponse(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...

@@ -105,7 +105,8 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RagQuery(self, request, context):
-        """RagQuery answers a question from the documents it is given, citing the passages it used.
+        """RagQuery answers a question from inline documents, a stored collection, or both, citing the passages it used.
+        NOT_FOUND names an unknown collection; FAILED_PRECONDITION, a collection embedded with another embedding model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -510,6 +511,224 @@ class AdapterService:
             '/loraserve.v1.AdapterService/ListAdapters',
             loraserve_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
             loraserve_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class CollectionServiceStub:
+    """CollectionService keeps named collections of documents that RagQuery searches. They are stored on the server
+    (--rag-store) and survive restarts and crashes: a document is durable once UpsertDocuments returns. When the server
+    has admin tokens, the RPCs that change collections need one (PERMISSION_DENIED otherwise); ListCollections needs
+    only a user's token.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UpsertDocuments = channel.unary_unary(
+                '/loraserve.v1.CollectionService/UpsertDocuments',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.UpsertDocumentsRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.UpsertDocumentsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDocuments = channel.unary_unary(
+                '/loraserve.v1.CollectionService/DeleteDocuments',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.DeleteDocumentsRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.DeleteDocumentsResponse.FromString,
+                _registered_method=True)
+        self.ListCollections = channel.unary_unary(
+                '/loraserve.v1.CollectionService/ListCollections',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ListCollectionsRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.ListCollectionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteCollection = channel.unary_unary(
+                '/loraserve.v1.CollectionService/DeleteCollection',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.DeleteCollectionRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.DeleteCollectionResponse.FromString,
+                _registered_method=True)
+
+
+class CollectionServiceServicer:
+    """CollectionService keeps named collections of documents that RagQuery searches. They are stored on the server
+    (--rag-store) and survive restarts and crashes: a document is durable once UpsertDocuments returns. When the server
+    has admin tokens, the RPCs that change collections need one (PERMISSION_DENIED otherwise); ListCollections needs
+    only a user's token.
+    """
+
+    def UpsertDocuments(self, request, context):
+        """UpsertDocuments adds documents to a collection, creating the collection when it does not exist; a document
+        whose id is there already is replaced. Passages whose text did not change keep their embeddings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDocuments(self, request, context):
+        """DeleteDocuments removes documents by id; ids the collection does not hold are listed in not_found.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCollections(self, request, context):
+        """ListCollections lists the collections with their sizes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCollection(self, request, context):
+        """DeleteCollection removes a collection and everything in it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CollectionServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UpsertDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertDocuments,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.UpsertDocumentsRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.UpsertDocumentsResponse.SerializeToString,
+            ),
+            'DeleteDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDocuments,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.DeleteDocumentsRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.DeleteDocumentsResponse.SerializeToString,
+            ),
+            'ListCollections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCollections,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ListCollectionsRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.ListCollectionsResponse.SerializeToString,
+            ),
+            'DeleteCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCollection,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.DeleteCollectionRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.DeleteCollectionResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'loraserve.v1.CollectionService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('loraserve.v1.CollectionService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CollectionService:
+    """CollectionService keeps named collections of documents that RagQuery searches. They are stored on the server
+    (--rag-store) and survive restarts and crashes: a document is durable once UpsertDocuments returns. When the server
+    has admin tokens, the RPCs that change collections need one (PERMISSION_DENIED otherwise); ListCollections needs
+    only a user's token.
+    """
+
+    @staticmethod
+    def UpsertDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.CollectionService/UpsertDocuments',
+            loraserve_dot_v1_dot_inference__pb2.UpsertDocumentsRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.UpsertDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.CollectionService/DeleteDocuments',
+            loraserve_dot_v1_dot_inference__pb2.DeleteDocumentsRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.DeleteDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCollections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.CollectionService/ListCollections',
+            loraserve_dot_v1_dot_inference__pb2.ListCollectionsRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.ListCollectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.CollectionService/DeleteCollection',
+            loraserve_dot_v1_dot_inference__pb2.DeleteCollectionRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.DeleteCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,7 +56,9 @@ class InferenceServiceStub:
     exactly the text Generate returns for the same greedy request, and no delta splits a UTF-8 character.
     """
     RagQuery: _grpc.UnaryUnaryMultiCallable[_inference_pb2.RagQueryRequest, _inference_pb2.RagQueryResponse]
-    """RagQuery answers a question from the documents it is given, citing the passages it used."""
+    """RagQuery answers a question from inline documents, a stored collection, or both, citing the passages it used.
+    NOT_FOUND names an unknown collection; FAILED_PRECONDITION, a collection embedded with another embedding model.
+    """
     ModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ModelInfoRequest, _inference_pb2.ModelInfoResponse]
     """ModelInfo describes the served model, its adapters, the limits requests must respect, and live statistics."""
     Tokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]
@@ -89,7 +91,9 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     exactly the text Generate returns for the same greedy request, and no delta splits a UTF-8 character.
     """
     RagQuery: _aio.UnaryUnaryMultiCallable[_inference_pb2.RagQueryRequest, _inference_pb2.RagQueryResponse]  # type: ignore[assignment]
-    """RagQuery answers a question from the documents it is given, citing the passages it used."""
+    """RagQuery answers a question from inline documents, a stored collection, or both, citing the passages it used.
+    NOT_FOUND names an unknown collection; FAILED_PRECONDITION, a collection embedded with another embedding model.
+    """
     ModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.ModelInfoRequest, _inference_pb2.ModelInfoResponse]  # type: ignore[assignment]
     """ModelInfo describes the served model, its adapters, the limits requests must respect, and live statistics."""
     Tokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]  # type: ignore[assignment]
@@ -137,7 +141,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.RagQueryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.RagQueryResponse, _abc.Awaitable[_inference_pb2.RagQueryResponse]]:
-        """RagQuery answers a question from the documents it is given, citing the passages it used."""
+        """RagQuery answers a question from inline documents, a stored collection, or both, citing the passages it used.
+        NOT_FOUND names an unknown collection; FAILED_PRECONDITION, a collection embedded with another embedding model.
+        """
 
     @_abc_1.abstractmethod
     def ModelInfo(
@@ -243,3 +249,88 @@ class AdapterServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListAdapters lists the resident adapters."""
 
 def add_AdapterServiceServicer_to_server(servicer: AdapterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class CollectionServiceStub:
+    """CollectionService keeps named collections of documents that RagQuery searches. They are stored on the server
+    (--rag-store) and survive restarts and crashes: a document is durable once UpsertDocuments returns. When the server
+    has admin tokens, the RPCs that change collections need one (PERMISSION_DENIED otherwise); ListCollections needs
+    only a user's token.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CollectionServiceAsyncStub: ...
+    UpsertDocuments: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UpsertDocumentsRequest, _inference_pb2.UpsertDocumentsResponse]
+    """UpsertDocuments adds documents to a collection, creating the collection when it does not exist; a document
+    whose id is there already is replaced. Passages whose text did not change keep their embeddings.
+    """
+    DeleteDocuments: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DeleteDocumentsRequest, _inference_pb2.DeleteDocumentsResponse]
+    """DeleteDocuments removes documents by id; ids the collection does not hold are listed in not_found."""
+    ListCollections: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListCollectionsRequest, _inference_pb2.ListCollectionsResponse]
+    """ListCollections lists the collections with their sizes."""
+    DeleteCollection: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DeleteCollectionRequest, _inference_pb2.DeleteCollectionResponse]
+    """DeleteCollection removes a collection and everything in it."""
+
+@_typing.type_check_only
+class CollectionServiceAsyncStub(CollectionServiceStub):
+    """CollectionService keeps named collections of documents that RagQuery searches. They are stored on the server
+    (--rag-store) and survive restarts and crashes: a document is durable once UpsertDocuments returns. When the server
+    has admin tokens, the RPCs that change collections need one (PERMISSION_DENIED otherwise); ListCollections needs
+    only a user's token.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    UpsertDocuments: _aio.UnaryUnaryMultiCallable[_inference_pb2.UpsertDocumentsRequest, _inference_pb2.UpsertDocumentsResponse]  # type: ignore[assignment]
+    """UpsertDocuments adds documents to a collection, creating the collection when it does not exist; a document
+    whose id is there already is replaced. Passages whose text did not change keep their embeddings.
+    """
+    DeleteDocuments: _aio.UnaryUnaryMultiCallable[_inference_pb2.DeleteDocumentsRequest, _inference_pb2.DeleteDocumentsResponse]  # type: ignore[assignment]
+    """DeleteDocuments removes documents by id; ids the collection does not hold are listed in not_found."""
+    ListCollections: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListCollectionsRequest, _inference_pb2.ListCollectionsResponse]  # type: ignore[assignment]
+    """ListCollections lists the collections with their sizes."""
+    DeleteCollection: _aio.UnaryUnaryMultiCallable[_inference_pb2.DeleteCollectionRequest, _inference_pb2.DeleteCollectionResponse]  # type: ignore[assignment]
+    """DeleteCollection removes a collection and everything in it."""
+
+class CollectionServiceServicer(metaclass=_abc_1.ABCMeta):
+    """CollectionService keeps named collections of documents that RagQuery searches. They are stored on the server
+    (--rag-store) and survive restarts and crashes: a document is durable once UpsertDocuments returns. When the server
+    has admin tokens, the RPCs that change collections need one (PERMISSION_DENIED otherwise); ListCollections needs
+    only a user's token.
+    """
+
+    @_abc_1.abstractmethod
+    def UpsertDocuments(
+        self,
+        request: _inference_pb2.UpsertDocumentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.UpsertDocumentsResponse, _abc.Awaitable[_inference_pb2.UpsertDocumentsResponse]]:
+        """UpsertDocuments adds documents to a collection, creating the collection when it does not exist; a document
+        whose id is there already is replaced. Passages whose text did not change keep their embeddings.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteDocuments(
+        self,
+        request: _inference_pb2.DeleteDocumentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DeleteDocumentsResponse, _abc.Awaitable[_inference_pb2.DeleteDocumentsResponse]]:
+        """DeleteDocuments removes documents by id; ids the collection does not hold are listed in not_found."""
+
+    @_abc_1.abstractmethod
+    def ListCollections(
+        self,
+        request: _inference_pb2.ListCollectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ListCollectionsResponse, _abc.Awaitable[_inference_pb2.ListCollectionsResponse]]:
+        """ListCollections lists the collections with their sizes."""
+
+    @_abc_1.abstractmethod
+    def DeleteCollection(
+        self,
+        request: _inference_pb2.DeleteCollectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DeleteCollectionResponse, _abc.Awaitable[_inference_pb2.DeleteCollectionResponse]]:
+        """DeleteCollection removes a collection and everything in it."""
+
+def add_CollectionServiceServicer_to_server(servicer: CollectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

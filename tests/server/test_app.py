@@ -118,7 +118,7 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(tiny_server, rpc
     ("call", "fragment"),
     [
         (lambda c: c.rag_query(" ", [{"id": "a", "text": "t"}]), "query: must not be empty"),
-        (lambda c: c.rag_query("q", []), "documents: must contain at least one"),
+        (lambda c: c.rag_query("q", []), "documents: give documents, a collection, or both"),
         (lambda c: c.rag_query("q", [{"id": "a", "text": "t"}], top_k=0), "top_k: must be in [1, 20]"),
         (lambda c: c.rag_query("q", [{"id": "a", "text": "t"}, {"id": "a", "text": "u"}]), "documents[1].id"),
         (lambda c: c.rag_query("q", [{"id": str(i), "text": "t"} for i in range(101)]), "at most 100 documents"),

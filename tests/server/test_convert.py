@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from loraserve.config import EngineConfig
+from loraserve.config import EngineConfig, RagConfig
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message
 from loraserve.server import convert
 from loraserve.server.adapters import AdapterInfo
 from loraserve.server.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail, TopToken
-from loraserve.server.rag import Document, Passage, RagAnswer, Source
+from loraserve.server.rag import RagAnswer, Source
+from loraserve.server.retrieval.search import Hit
+from loraserve.server.retrieval.store import StoredPassage
 from loraserve.v1 import inference_pb2 as pb
 
 
@@ -68,21 +71,33 @@ def test_every_stop_reason_has_a_proto_value() -> None:
     assert len(values) == len(StopReason) and pb.STOP_REASON_UNSPECIFIED not in values
 
 
-def test_rag_query_enforces_the_document_limit() -> None:
+def test_rag_query_enforces_the_limits_and_keeps_unset_optionals() -> None:
     message = pb.RagQueryRequest(query="q", documents=[pb.Document(id=str(i), text="t") for i in range(3)])
     with pytest.raises(InvalidRequest, match="at most 2 documents"):
-        convert.rag_query(message, "rid", None, max_documents=2)
-    query = convert.rag_query(message, "rid", None, max_documents=3)
+        convert.rag_query(message, "rid", None, RagConfig(max_rag_documents=2))
+    with pytest.raises(InvalidRequest, match="query: has 2 characters; at most 1 are allowed"):
+        convert.rag_query(pb.RagQueryRequest(query="qq", collection="c"), "rid", None, RagConfig(max_rag_query_chars=1))
+    query = convert.rag_query(message, "rid", None, RagConfig(max_rag_documents=3))
     assert query.top_k == 3 and [d.id for d in query.documents] == ["0", "1", "2"]
+    assert query.min_similarity is None and query.collection == ""
+    message.min_similarity, message.collection = 0.0, "kb"
+    query = convert.rag_query(message, "rid", None, RagConfig())
+    assert query.min_similarity == 0.0 and query.collection == "kb"
 
 
 def test_rag_response_without_sources_has_no_generation_fields() -> None:
     empty = convert.rag_response(RagAnswer("rid", "No relevant documents", (), None))
     assert not empty.sources and empty.stop_reason == pb.STOP_REASON_UNSPECIFIED
-    source = Source(Passage(Document("d1", "body", "Title", {"k": "v"}), 0, "body"), 1.5, 1)
+    passage = StoredPassage(7, "d1", "Title", {"k": "v"}, 2, "body", 10, 14)
+    keyword = Source(Hit("kb", passage, 0.9, 0.75, 3.5, np.zeros(4)), 1, True)
+    dense = Source(Hit("", passage, 0.4, 0.5, None, np.zeros(4)), 2, False)
     result = GenerationResult("rid", "ans", StopReason.EOS_TOKEN, 10, 2)
-    full = convert.rag_response(RagAnswer("rid", "ans", (source,), result))
-    assert full.sources[0].document_id == "d1" and full.sources[0].metadata == {"k": "v"}
+    full = convert.rag_response(RagAnswer("rid", "ans", (keyword, dense), result))
+    first, second = full.sources
+    assert (first.document_id, first.title, first.passage, dict(first.metadata)) == ("d1", "Title", "body", {"k": "v"})
+    assert (first.collection, first.passage_index, first.start_char, first.end_char) == ("kb", 2, 10, 14)
+    assert (first.rank, first.cited, first.score, first.similarity, first.bm25_score) == (1, True, 0.9, 0.75, 3.5)
+    assert not second.HasField("bm25_score") and not second.cited and second.collection == ""
     assert full.generated_token_count == 2 and full.stop_reason == pb.STOP_REASON_EOS_TOKEN
 
 
@@ -97,8 +112,9 @@ def test_tokenize_request_needs_exactly_one_input() -> None:
 
 
 def test_server_limits_mirror_the_engine_config() -> None:
-    limits = convert.server_limits(EngineConfig(max_batch_size=3, max_top_n=4))
+    limits = convert.server_limits(EngineConfig(max_batch_size=3, max_top_n=4), RagConfig(max_upsert_documents=5))
     assert limits.max_batch_size == 3 and limits.max_top_n == 4
+    assert limits.max_upsert_documents == 5 and limits.max_rag_documents == RagConfig().max_rag_documents
 
 
 def test_model_info_response_carries_description_adapters_limits_and_stats() -> None:
@@ -116,10 +132,13 @@ def test_model_info_response_carries_description_adapters_limits_and_stats() -> 
         kv_cache_tokens=1000,
         kv_cache_used_tokens=256,
     )
-    info = convert.model_info_response(description, adapters, EngineConfig(), stats, "chat-template", "1.2.3")
+    info = convert.model_info_response(
+        description, adapters, EngineConfig(), RagConfig(), stats, "chat-template", "1.2.3", "all-MiniLM-L6-v2"
+    )
     assert (info.model_name, info.max_sequence_length, info.vocab_size) == ("m", 8192, 49152)
     assert info.adapters[0].id == "alpha" and list(info.adapters[0].target_modules) == ["q_proj", "v_proj"]
     assert info.stats.active_requests == 2 and info.stats.generated_tokens == 99
     assert info.stats.kv_cache_tokens == 1000 and info.stats.kv_cache_used_tokens == 256
     assert info.limits.max_new_tokens == EngineConfig().max_new_tokens
     assert info.server_version == "1.2.3" and info.prompt_format == "chat-template"
+    assert info.embedding_model == "all-MiniLM-L6-v2"

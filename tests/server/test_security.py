@@ -147,3 +147,21 @@ def test_rate_limits_are_per_client_and_say_when_to_retry(start_server, monkeypa
     with Client(running.target, timeout=10, token="b") as other:  # another client has its own budget
         assert other.tokenize("hello").token_count
     assert running.client.health() == "SERVING"  # probes are never limited
+
+
+def test_changing_collections_needs_an_admin_token(secured) -> None:
+    document = [{"id": "d", "text": "Paris is the capital of France."}]
+    with pytest.raises(LoraserveRpcError) as error:
+        secured.client.upsert_documents("kb", document)
+    assert error.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert error.value.details == "loraserve.v1.CollectionService/UpsertDocuments needs an admin token"
+    with Client(secured.target, timeout=30, token="admin-token") as admin:
+        assert admin.upsert_documents("kb", document).upserted_documents == 1
+    client = secured.client
+    for change in (lambda: client.delete_documents("kb", ["d"]), lambda: client.delete_collection("kb")):
+        with pytest.raises(LoraserveRpcError) as error:
+            change()
+        assert error.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert [c.name for c in secured.client.list_collections()] == ["kb"]  # reading needs a user's token only
+    answer = secured.client.rag_query("What is the capital of France?", collection="kb", max_new_tokens=2)
+    assert [s.document_id for s in answer.sources] == ["d"]

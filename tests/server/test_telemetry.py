@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import urllib.request
 
 import pytest
@@ -16,13 +15,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_the_metrics_endpoint_reports_requests_tokens_latency_and_load(start_server) -> None:
+def test_the_metrics_endpoint_reports_requests_tokens_latency_and_load(start_server, free_port) -> None:
     port = free_port()
     running = start_server(server_options={"metrics_port": port})
     client = running.client

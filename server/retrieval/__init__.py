@@ -1,0 +1,1 @@
+"""Retrieval for RagQuery: passages, embeddings, the collection store and hybrid search."""
