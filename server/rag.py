@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message
 from loraserve.server.outputs import GenerationResult
 from loraserve.server.params import GenerationRequest, SamplingParams, StoppingParams
 from loraserve.server.request_stream import RequestStream
-from loraserve.server.retrieval.citations import CitedAnswer
 from loraserve.server.retrieval.documents import Document
+from loraserve.server.retrieval.retriever import Retriever
 from loraserve.server.retrieval.search import Hit
 
 DEFAULT_TOP_K = 3
@@ -25,21 +24,6 @@ SYSTEM_PROMPT = (
     "Answer the question using only the numbered context passages. Cite the passages you use as [1], [2]. "
     "If the passages do not contain the answer, say that the documents do not cover the question."
 )
-
-
-class Retrieves(Protocol):
-    """What answering needs from retrieval (see retrieval.retriever.Retriever)."""
-
-    def search(
-        self,
-        query: str,
-        documents: Sequence[Document],
-        collection: str,
-        top_k: int,
-        min_similarity: float | None,
-    ) -> list[Hit]: ...
-
-    def cite(self, answer: str, hits: Sequence[Hit]) -> CitedAnswer: ...
 
 
 @dataclass(frozen=True)
@@ -101,7 +85,7 @@ def answer_messages(query: str, hits: Sequence[Hit]) -> tuple[Message, ...]:
 
 def answer(
     query: RagQuery,
-    retriever: Retrieves,
+    retriever: Retriever,
     submit: Callable[[GenerationRequest], RequestStream],
     on_stream: Callable[[RequestStream], None] = lambda stream: None,
 ) -> RagAnswer:

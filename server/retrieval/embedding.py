@@ -2,14 +2,13 @@
 transformers, mean-pooled and normalised, so that a dot product is the cosine similarity.
 
 Plain transformers rather than sentence-transformers: the same vectors (to 3e-8) with one dependency less, and a
-little faster on this CPU (bench/embeddings.py measures both). All torch work runs on one worker thread: RPC threads
+little faster on this CPU (bench/retrieval.py measures both). All torch work runs on one worker thread: RPC threads
 calling torch would each start their own OpenMP team and slow the model's thread down.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import threading
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from loraserve.bundled import bundled_path
 from loraserve.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,13 +41,8 @@ T = TypeVar("T")
 def resolve_embedding_folder(source: str) -> tuple[Path, str]:
     """The model folder for --embedding-model, and the model's name."""
     if source == "default":
-        try:
-            distribution = importlib.metadata.distribution(EMBEDDING_DISTRIBUTION)
-        except importlib.metadata.PackageNotFoundError:
-            raise ConfigError(
-                f"--embedding-model default needs the {EMBEDDING_DISTRIBUTION} package: {INSTALL_EMBEDDING_MODEL}"
-            ) from None
-        return Path(str(distribution.locate_file(EMBEDDING_FOLDER))), DEFAULT_EMBEDDING_MODEL
+        folder = bundled_path(EMBEDDING_DISTRIBUTION, EMBEDDING_FOLDER, "--embedding-model", INSTALL_EMBEDDING_MODEL)
+        return folder, DEFAULT_EMBEDDING_MODEL
     folder = Path(source).expanduser()
     return folder, folder.name
 
