@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 from statistics import quantiles
 
@@ -33,6 +34,7 @@ def machine() -> dict[str, object]:
         cpu = names[0] if names else cpu
     info: dict[str, object] = {
         "cpu": cpu,
+        "cpu_flags": simd_flags(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -44,10 +46,36 @@ def machine() -> dict[str, object]:
     return info
 
 
-def prompts(tokenizer, count: int, length: int) -> list[str]:  # type: ignore[no-untyped-def]
-    """`count` different prompt texts of about `length` tokens each (cut at `length` tokens, then decoded)."""
+def simd_flags() -> str:
+    """The CPU's vector-instruction flags (lscpu's, filtered): oneDNN speed differs 2x between AVX and AVX2/512."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return ""
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), []
+    )
+    wanted = ("avx", "fma", "f16c", "amx", "sse4")
+    return " ".join(sorted(f for f in flags if f.startswith(wanted)))
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
+    """This machine's dense matmul rate now (a large torch.mm on all torch threads): the roof a model can reach."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def prompts(tokenizer, count: int, length: int, start: int = 0) -> list[str]:  # type: ignore[no-untyped-def]
+    """`count` different prompt texts of about `length` tokens each (cut at `length` tokens, then decoded), numbered
+    from `start`: prompts with different numbers differ from their first tokens on, so they never share a prefix."""
     out = []
-    for i in range(count):
+    for i in range(start, start + count):
         ids = tokenizer.encode(f"Request {i}. {CORPUS * (1 + length // 100)}", add_special_tokens=False)
         out.append(tokenizer.decode(ids[:length]))
     return out

@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import save_file
 
 from loraserve.config import EngineConfig
-from loraserve.server.adapters import AdapterSpec
-from loraserve.server.engine import Engine
-from loraserve.server.llama_runner import LlamaRunner, prepare_linears
-from loraserve.server.loading import LoadedModel, ModelDescription, default_gguf_path
-from loraserve.server.lora import read_adapter
-from loraserve.server.params import GenerationRequest, StoppingParams
+from loraserve.server.engine.engine import Engine
+from loraserve.server.engine.params import GenerationRequest, StoppingParams
+from loraserve.server.models.adapters import AdapterSpec
+from loraserve.server.models.llama import LlamaRunner, prepare_linears
+from loraserve.server.models.loading import LoadedModel, default_gguf_path
+from loraserve.server.models.lora import read_adapter
+from loraserve.server.models.types import ModelDescription
 
 from common import machine, prompts
 

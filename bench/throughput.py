@@ -1,13 +1,16 @@
-"""Throughput and latency of loraserve against Hugging Face generate, side by side on one machine in one run.
+"""Throughput and latency of loraserve against Hugging Face generate and llama.cpp, side by side on one machine in one
+run, with the machine's own matmul peak as the roof.
 
-Starts `loraserve serve` on the model, drives N concurrent gRPC streams (fixed prompts, min_new_tokens = max_new_tokens
-so EOS cannot cut a run short) for each concurrency level, then a batch that mixes several LoRA adapters against the
-same batch on the base model; stops the server; then measures the baselines on the same model: sequential
-`model.generate` at batch 1 and static-batch `model.generate` at each concurrency level. Prints a table, writes JSON
-and a PNG plot.
+In order: the machine's fp32 matmul peak (a large torch.mm); `loraserve serve` on the model, driven by N concurrent
+gRPC streams per concurrency level (fixed prompts, min_new_tokens = max_new_tokens so EOS cannot cut a run short),
+then a batch mixing several LoRA adapters, then Poisson arrivals (an open loop at 80% of the 16-stream capacity),
+then 16 streams whose prompts share a long system prompt, on that server (prefix caching on) and on one started with
+--no-prefix-caching; llama.cpp's llama-server on the same weights and prompt tokens (see bench/peer.py); and the
+baselines on the same model: sequential `model.generate` at batch 1 and static-batch `model.generate` at each level.
+Prints the machine (CPU model and SIMD flags) with the table, writes JSON and a PNG plot.
 
     .venv/bin/python bench/throughput.py                       # the default model, levels 1 4 16 32
-    .venv/bin/python bench/throughput.py --levels 1 32 --requests-per-stream 3
+    .venv/bin/python bench/throughput.py --levels 1 32 --no-peer
 """
 
 from __future__ import annotations
@@ -16,179 +19,133 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import grpc
+import load
+import peer
 import torch
 
-from loraserve.client import Client, LoraserveRpcError
-from loraserve.v1 import inference_pb2 as pb
-from loraserve.v1 import inference_pb2_grpc as pb_grpc
-
-from common import machine, make_adapters, percentile, prompts
+from common import machine, make_adapters, matmul_peak_gflops, prompts
 
 ROOT = Path(__file__).resolve().parent.parent
+POISSON_STREAMS = 16  # the Poisson run offers 80% of what the server sustained with this many closed-loop streams
+POISSON_LOAD = 0.8
 
 
-@dataclass
-class RequestTiming:
-    start: float
-    chunk_times: list[float] = field(default_factory=list)
+class FreshPrompts:
+    """Prompts never sent before in this run: every measurement takes its own, so none finds another's prompts in the
+    server's prefix cache (only the shared-prefix measurement is about that)."""
 
-    @property
-    def ttft(self) -> float:
-        return self.chunk_times[0] - self.start
+    def __init__(self, tokenizer, length: int) -> None:  # type: ignore[no-untyped-def]
+        self.tokenizer = tokenizer
+        self.length = length
+        self.used = 0
 
-    @property
-    def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
-
-
-@dataclass
-class LevelResult:
-    name: str
-    concurrency: int
-    requests: int
-    generated_tokens: int
-    seconds: float
-    tokens_per_second: float
-    ttft_p50_s: float
-    ttft_p95_s: float
-    itl_p50_ms: float
-    itl_p95_ms: float
-    mean_input_tokens: float
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: argparse.Namespace, adapters: list[Path], port: int) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "loraserve.cli",
-        "serve",
-        "--model",
-        args.model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-batch-size",
-        str(max(args.levels)),
-        "--max-queued-requests",
-        "256",
-        "--log-level",
-        "warning",
-        "--dtype",
-        args.dtype,
-    ]
-    for i, folder in enumerate(adapters):
-        command += ["--adapter", f"a{i}={folder}"]
-    server = subprocess.Popen(command)
-    with Client(f"127.0.0.1:{port}") as client:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if client.health(timeout=1) == "SERVING":
-                    return server
-            except LoraserveRpcError:
-                pass
-            time.sleep(0.2)
-    server.kill()
-    raise SystemExit("the server did not become SERVING")
-
-
-async def stream_one(
-    stub: pb_grpc.InferenceServiceStub, prompt: str, new_tokens: int, adapter: str
-) -> tuple[RequestTiming, int, int]:
-    request = pb.GenerateStreamRequest(
-        prompt=prompt,
-        adapter_id=adapter,
-        stopping=pb.StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
-    )
-    timing = RequestTiming(start=time.perf_counter())
-    generated = inputs = 0
-    async for response in stub.GenerateStream(request, timeout=600):
-        timing.chunk_times.append(time.perf_counter())
-        generated, inputs = response.generated_token_count, response.input_token_count
-    return timing, generated, inputs
-
-
-async def drive(
-    target: str, texts: list[str], concurrency: int, per_stream: int, new_tokens: int, adapters: list[str]
-) -> tuple[list[tuple[RequestTiming, int, int]], float]:
-    """`concurrency` streams, each sending `per_stream` requests one after another (a closed loop)."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-
-        async def client(index: int) -> list[tuple[RequestTiming, int, int]]:
-            results = []
-            for k in range(per_stream):
-                n = index * per_stream + k
-                results.append(await stream_one(stub, texts[n % len(texts)], new_tokens, adapters[n % len(adapters)]))
-            return results
-
-        start = time.perf_counter()
-        per_client = await asyncio.gather(*(client(i) for i in range(concurrency)))
-        return [r for results in per_client for r in results], time.perf_counter() - start
-
-
-def summarize(
-    name: str, concurrency: int, results: list[tuple[RequestTiming, int, int]], seconds: float
-) -> LevelResult:
-    tokens = sum(generated for _, generated, _ in results)
-    ttfts = [timing.ttft for timing, _, _ in results]
-    gaps = [gap for timing, _, _ in results for gap in timing.gaps]
-    return LevelResult(
-        name=name,
-        concurrency=concurrency,
-        requests=len(results),
-        generated_tokens=tokens,
-        seconds=round(seconds, 3),
-        tokens_per_second=round(tokens / seconds, 1),
-        ttft_p50_s=round(percentile(ttfts, 50), 3),
-        ttft_p95_s=round(percentile(ttfts, 95), 3),
-        itl_p50_ms=round(1000 * percentile(gaps, 50), 1),
-        itl_p95_ms=round(1000 * percentile(gaps, 95), 1),
-        mean_input_tokens=round(sum(i for _, _, i in results) / len(results), 1),
-    )
+    def take(self, count: int) -> list[str]:
+        texts = prompts(self.tokenizer, count, self.length, start=self.used)
+        self.used += count
+        return texts
 
 
 def measure_level(
-    args: argparse.Namespace, target: str, texts: list[str], name: str, level: int, adapters: list[str]
-) -> LevelResult:
+    args: argparse.Namespace, target: str, fresh: FreshPrompts, name: str, level: int, adapters: list[str]
+) -> load.LevelResult:
     """The median run (by throughput) of --repeats runs: this machine's timing noise is about 10%."""
     runs = []
     for repeat in range(args.repeats):
         print(f"{name}: {level} concurrent streams (run {repeat + 1}/{args.repeats}) ...", flush=True)
-        timings, seconds = asyncio.run(drive(target, texts, level, args.requests_per_stream, args.new_tokens, adapters))
-        runs.append(summarize(name, level, timings, seconds))
+        texts = fresh.take(level * args.requests_per_stream)
+        outcomes, seconds = asyncio.run(
+            load.drive(target, texts, level, args.requests_per_stream, args.new_tokens, adapters)
+        )
+        runs.append(load.summarize(name, level, outcomes, seconds))
     return sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]
 
 
-def measure_server(args: argparse.Namespace, texts: list[str], adapters: list[Path]) -> list[LevelResult]:
-    port = free_port()
-    server = start_server(args, adapters, port)
+def measure_server(
+    args: argparse.Namespace, fresh: FreshPrompts, system: str, adapters: list[Path]
+) -> list[load.LevelResult]:
+    port = load.free_port()
+    server = load.start_server(args, adapters, port)
     target = f"127.0.0.1:{port}"
     results = []
     try:
-        asyncio.run(drive(target, texts, 1, 1, 4, [""]))  # warm the server up
+        asyncio.run(load.drive(target, fresh.take(1), 1, 1, 4, [""]))  # warm the server up
         for level in args.levels:
-            results.append(measure_level(args, target, texts, "server", level, [""]))
+            results.append(measure_level(args, target, fresh, "server", level, [""]))
         if adapters:
             names = [f"a{i}" for i in range(len(adapters))]
             label = f"server, {len(names)} adapters mixed"
-            results.append(measure_level(args, target, texts, label, max(args.levels), names))
+            results.append(measure_level(args, target, fresh, label, max(args.levels), names))
+        results.append(measure_poisson(args, target, fresh, results))
+        results.append(measure_shared_prefix(args, target, system, "server, shared prefix, cached"))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    server = load.start_server(args, [], port, "--no-prefix-caching")
+    try:
+        results.append(measure_shared_prefix(args, target, system, "server, shared prefix, no cache"))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return results
+
+
+def measure_poisson(
+    args: argparse.Namespace, target: str, fresh: FreshPrompts, closed: list[load.LevelResult]
+) -> load.LevelResult:
+    capacity = next(
+        (r.tokens_per_second for r in closed if r.name == "server" and r.concurrency == POISSON_STREAMS),
+        max(r.tokens_per_second for r in closed if r.name == "server"),
+    )
+    rate = POISSON_LOAD * capacity / args.new_tokens  # requests per second
+    count = POISSON_STREAMS * 3
+    print(f"server: {count} Poisson arrivals at {rate:.2f} requests/s ...", flush=True)
+    outcomes, seconds = asyncio.run(load.drive_poisson(target, fresh.take(count), rate, args.new_tokens))
+    result = load.summarize(f"server, Poisson {rate:.2f} req/s", POISSON_STREAMS, outcomes, seconds)
+    return result
+
+
+SHARED_OUTPUTS: dict[str, list[str]] = {}
+
+
+def measure_shared_prefix(args: argparse.Namespace, target: str, system: str, name: str) -> load.LevelResult:
+    """16 streams whose prompts are one long system prompt plus their own question, after one request with the same
+    system prompt (as on a service that has been running): TTFT is what prefix caching changes."""
+    questions = [f"\n\nQuestion {i}: summarize paragraph {i % 5 + 1} in one sentence." for i in range(16)]
+    print(f"{name}: 16 streams sharing a {args.shared_prefix_tokens}-token prompt head ...", flush=True)
+    asyncio.run(load.drive(target, [system + " Warm-up."], 1, 1, 4, [""]))
+    outcomes, seconds = asyncio.run(load.drive(target, [system + q for q in questions], 16, 1, args.new_tokens, [""]))
+    SHARED_OUTPUTS[name] = [o.text for o in outcomes]
+    result = load.summarize(name, 16, outcomes, seconds)
+    cached = sum(o.cached for o in outcomes) / len(outcomes)
+    print(f"  mean cached prompt tokens per request: {cached:.0f} of {result.mean_input_tokens:.0f}")
+    return result
+
+
+def measure_peer(args: argparse.Namespace, fresh: FreshPrompts) -> list[load.LevelResult]:
+    from loraserve.server.models.loading import default_gguf_path
+
+    port = load.free_port()
+    server = peer.start(
+        default_gguf_path(), port, max(args.levels), args.prompt_tokens + args.new_tokens + 16, torch.get_num_threads()
+    )
+
+    def ids(count: int) -> list[list[int]]:  # the same tokens loraserve gets for the same texts
+        return [fresh.tokenizer.encode(t, add_special_tokens=False) for t in fresh.take(count)]
+
+    results = []
+    try:
+        peer.drive(port, ids(1), 1, 1, 4)  # warm up
+        for level in args.levels:
+            print(f"llama.cpp: {level} concurrent streams ...", flush=True)
+            prompt_ids = ids(level * args.requests_per_stream)
+            outcomes, seconds = peer.drive(port, prompt_ids, level, args.requests_per_stream, args.new_tokens)
+            results.append(load.summarize("llama.cpp llama-server", level, outcomes, seconds))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -198,9 +155,9 @@ def measure_server(args: argparse.Namespace, texts: list[str], adapters: list[Pa
 def hf_model(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraserve.server.loading import resolve_model_folder
+    from loraserve.server.models.loading import resolve_model_folder
 
-    folder, _ = resolve_model_folder(args.model, Path(args.model_cache))
+    folder, _ = resolve_model_folder(args.model, Path(args.model_cache).expanduser())
     dtype = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -209,82 +166,140 @@ def hf_model(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 @torch.inference_mode()
-def measure_hf(
-    model,
-    tokenizer,
-    texts: list[str],
-    levels: list[int],
-    new_tokens: int,
-    sequential: int,  # type: ignore[no-untyped-def]
-) -> list[LevelResult]:
+def measure_hf(model, tokenizer, texts: list[str], args: argparse.Namespace) -> list[load.LevelResult]:  # type: ignore[no-untyped-def]
     """Sequential generate at batch 1, and static-batch generate at every level above 1."""
+    new_tokens = args.new_tokens
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
     model.generate(**tokenizer(texts[:1], return_tensors="pt"), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     results = []
+    sequential = args.sequential_requests
     print(f"HF generate: {sequential} requests one after another ...", flush=True)
     start = time.perf_counter()
     for text in texts[:sequential]:
         model.generate(**tokenizer([text], return_tensors="pt"), **kwargs)
-    seconds = time.perf_counter() - start
-    results.append(_hf_result("hf sequential", 1, sequential, sequential * new_tokens, seconds))
-    for level in levels:
+    results.append(hf_result("hf sequential", 1, sequential, new_tokens, time.perf_counter() - start, args))
+    for level in args.levels:
         if level == 1:
             continue
         print(f"HF generate: static batch of {level} ...", flush=True)
         batch = tokenizer(texts[:level], return_tensors="pt", padding=True)
         start = time.perf_counter()
         model.generate(**batch, **kwargs)
-        seconds = time.perf_counter() - start
-        results.append(_hf_result("hf static batch", level, level, level * new_tokens, seconds))
+        results.append(hf_result("hf static batch", level, level, new_tokens, time.perf_counter() - start, args))
     return results
 
 
-def _hf_result(name: str, concurrency: int, requests: int, tokens: int, seconds: float) -> LevelResult:
+def hf_result(
+    name: str, concurrency: int, requests: int, new_tokens: int, seconds: float, args: argparse.Namespace
+) -> load.LevelResult:
     nan = float("nan")
-    return LevelResult(
-        name, concurrency, requests, tokens, round(seconds, 3), round(tokens / seconds, 1), nan, nan, nan, nan, nan
+    tokens = requests * new_tokens
+    return load.LevelResult(
+        name,
+        concurrency,
+        requests,
+        tokens,
+        round(seconds, 3),
+        round(tokens / seconds, 1),
+        nan,
+        nan,
+        nan,
+        nan,
+        args.prompt_tokens,
     )
 
 
-def report(results: list[LevelResult], info: dict[str, object]) -> dict[str, object]:
-    sequential = next(r.tokens_per_second for r in results if r.name == "hf sequential")
-    static = {r.concurrency: r.tokens_per_second for r in results if r.name == "hf static batch"}
-    server = {r.concurrency: r.tokens_per_second for r in results if r.name == "server"}
-    mixed = [r for r in results if r.name.startswith("server,")]
-    ratios: dict[str, float] = {}
-    print(f"\nmachine: {info}")
-    print(f"{'run':<28}{'streams':>8}{'tok/s':>9}{'xHF seq':>9}{'xHF static':>11}", end="")
-    print(f"{'TTFT p50/p95 s':>17}{'ITL p50/p95 ms':>17}")
+def model_gflop(model, result: load.LevelResult) -> float:  # type: ignore[no-untyped-def]
+    """The matmul work of a run: every projection for every prompt and generated token, the LM head for every
+    generated token (attention's own matmuls, under 10% here, are left out: the figure is a floor)."""
+    projections = sum(p.numel() for n, p in model.model.layers.named_parameters() if p.dim() == 2)
+    head = model.lm_head.weight.numel()
+    prompt_tokens = result.mean_input_tokens * result.requests
+    return 2 * (projections * (prompt_tokens + result.generated_tokens) + head * result.generated_tokens) / 1e9
+
+
+TARGETS = {  # ratio name -> (bound, "min" or "max"), from the engine v2 issue
+    "server_32_vs_hf_static_32": (1.25, "min"),
+    "server_32_vs_hf_sequential": (10.0, "min"),
+    "server_32_peak_fraction": (0.5, "min"),
+    "server_32_vs_peer_32": (1.0, "min"),
+    "server_1_vs_hf_generate": (1.2, "min"),
+    "poisson_ttft_p50_s": (1.0, "max"),
+    "poisson_itl_p95_over_p50": (2.5, "max"),
+    "shared_prefix_ttft_speedup": (3.0, "min"),
+    "mixed_adapters_vs_base": (0.9, "min"),
+}
+
+
+def ratios_of(results: list[load.LevelResult], peak: float, model) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    by = {(r.name, r.concurrency): r for r in results}
+    sequential = by[("hf sequential", 1)].tokens_per_second
+    ratios: dict[str, float] = {"matmul_peak_gflops": round(peak, 1)}
     for r in results:
-        vs_static = r.tokens_per_second / static[r.concurrency] if r.concurrency in static else float("nan")
+        if r.name == "server":
+            level = r.concurrency
+            ratios[f"server_{level}_vs_hf_sequential"] = round(r.tokens_per_second / sequential, 2)
+            ratios[f"server_{level}_peak_fraction"] = round(model_gflop(model, r) / r.seconds / peak, 3)
+            if ("hf static batch", level) in by:
+                ratios[f"server_{level}_vs_hf_static_{level}"] = round(
+                    r.tokens_per_second / by[("hf static batch", level)].tokens_per_second, 2
+                )
+            if ("llama.cpp llama-server", level) in by:
+                ratios[f"server_{level}_vs_peer_{level}"] = round(
+                    r.tokens_per_second / by[("llama.cpp llama-server", level)].tokens_per_second, 2
+                )
+        elif r.name.startswith("server,") and "adapters" in r.name:
+            ratios["mixed_adapters_vs_base"] = round(
+                r.tokens_per_second / by[("server", r.concurrency)].tokens_per_second, 2
+            )
+        elif r.name.startswith("server, Poisson"):
+            ratios["poisson_ttft_p50_s"] = r.ttft_p50_s
+            ratios["poisson_itl_p95_over_p50"] = round(r.itl_p95_ms / r.itl_p50_ms, 2)
+    if 1 in {r.concurrency for r in results if r.name == "server"}:
+        ratios["server_1_vs_hf_generate"] = ratios["server_1_vs_hf_sequential"]
+    cached, uncached = by.get(("server, shared prefix, cached", 16)), by.get(("server, shared prefix, no cache", 16))
+    if cached and uncached:
+        ratios["shared_prefix_ttft_speedup"] = round(uncached.ttft_p50_s / cached.ttft_p50_s, 2)
+        outputs = list(SHARED_OUTPUTS.values())
+        ratios["shared_prefix_outputs_identical"] = float(outputs[0] == outputs[1])
+    return ratios
+
+
+def report(results: list[load.LevelResult], ratios: dict[str, float], info: dict[str, object]) -> dict[str, object]:
+    print(f"\nmachine: {info['cpu']}, {info['cpu_cores']} cores; SIMD flags: {info['cpu_flags']}")
+    print(f"fp32 matmul peak measured in this run: {ratios['matmul_peak_gflops']} GFLOP/s")
+    print(f"{'run':<36}{'streams':>8}{'tok/s':>9}{'TTFT p50/p95 s':>17}{'ITL p50/p95 ms':>17}")
+    for r in results:
         print(
-            f"{r.name:<28}{r.concurrency:>8}{r.tokens_per_second:>9.1f}{r.tokens_per_second / sequential:>9.2f}"
-            f"{vs_static:>11.2f}{r.ttft_p50_s:>9.3f}/{r.ttft_p95_s:<7.3f}{r.itl_p50_ms:>9.1f}/{r.itl_p95_ms:<7.1f}"
+            f"{r.name:<36}{r.concurrency:>8}{r.tokens_per_second:>9.1f}"
+            f"{r.ttft_p50_s:>9.3f}/{r.ttft_p95_s:<7.3f}{r.itl_p50_ms:>9.1f}/{r.itl_p95_ms:<7.1f}"
         )
-    for level, tps in server.items():
-        ratios[f"server_{level}_vs_hf_sequential"] = round(tps / sequential, 2)
-        if level in static:
-            ratios[f"server_{level}_vs_hf_static_{level}"] = round(tps / static[level], 2)
-    if 1 in server:
-        ratios["server_1_vs_hf_generate"] = round(server[1] / sequential, 2)
-    for r in mixed:
-        ratios["mixed_adapters_vs_base"] = round(r.tokens_per_second / server[r.concurrency], 2)
-    print("\nratios:", json.dumps(ratios, indent=1))
+    print("\nratios (target in brackets):")
+    for name, value in ratios.items():
+        bound = TARGETS.get(name)
+        verdict = ""
+        if bound is not None:
+            ok = value >= bound[0] if bound[1] == "min" else value <= bound[0]
+            verdict = f"  [{'>=' if bound[1] == 'min' else '<='} {bound[0]}: {'met' if ok else 'MISSED'}]"
+        print(f"  {name:<36}{value:>8}{verdict}")
     return {"machine": info, "results": [asdict(r) for r in results], "ratios": ratios}
 
 
-def plot(results: list[LevelResult], path: Path, title: str) -> None:
+def plot(results: list[load.LevelResult], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, marker in (("server", "o"), ("hf static batch", "s")):
+    for name, marker in (("server", "o"), ("hf static batch", "s"), ("llama.cpp llama-server", "D")):
         runs = sorted((r for r in results if r.name == name), key=lambda r: r.concurrency)
-        throughput.plot([r.concurrency for r in runs], [r.tokens_per_second for r in runs], marker=marker, label=name)
+        if runs:
+            throughput.plot(
+                [r.concurrency for r in runs], [r.tokens_per_second for r in runs], marker=marker, label=name
+            )
     sequential = next(r.tokens_per_second for r in results if r.name == "hf sequential")
     throughput.axhline(sequential, color="gray", linestyle="--", label="hf sequential (batch 1)")
     throughput.set(xlabel="concurrent streams", ylabel="generated tokens/s", title="Throughput")
@@ -310,20 +325,27 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 32], help="concurrent streams to try")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--shared-prefix-tokens", type=int, default=600, help="shared system prompt, in tokens")
     parser.add_argument("--requests-per-stream", type=int, default=2, help="requests each stream sends in turn")
     parser.add_argument("--sequential-requests", type=int, default=3, help="requests for the batch-1 baseline")
     parser.add_argument("--repeats", type=int, default=1, help="runs per server measurement; the median is kept")
     parser.add_argument("--adapters", type=int, default=4, help="adapters for the mixed-adapter run (0: skip it)")
     parser.add_argument("--adapter-rank", type=int, default=16)
+    parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp (it is built on first use)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for JSON and PNG")
     args = parser.parse_args()
 
     model, tokenizer, folder = hf_model(args)
-    texts = prompts(tokenizer, max(args.levels) * args.requests_per_stream, args.prompt_tokens)
+    fresh = FreshPrompts(tokenizer, args.prompt_tokens)
+    system = prompts(tokenizer, 1, args.shared_prefix_tokens, start=999_999)[0]  # shares nothing with the rest
+    print("measuring the matmul peak ...", flush=True)
+    peak = matmul_peak_gflops(model.dtype)
     with tempfile.TemporaryDirectory() as scratch:
         adapters = make_adapters(folder, Path(scratch), args.adapters, args.adapter_rank, ["q_proj", "v_proj"])
-        results = measure_server(args, texts, adapters)
-    results += measure_hf(model, tokenizer, texts, args.levels, args.new_tokens, args.sequential_requests)
+        results = measure_server(args, fresh, system, adapters)
+    if not args.no_peer and args.model == "default":
+        results += measure_peer(args, fresh)
+    results += measure_hf(model, tokenizer, fresh.take(max(max(args.levels), args.sequential_requests)), args)
     info = machine() | {
         "model": args.model,
         "weights": str(model.dtype).removeprefix("torch."),
@@ -336,7 +358,7 @@ def main() -> None:
         "repeats": args.repeats,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    summary = report(results, info)
+    summary = report(results, ratios_of(results, peak, model), info)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu" if torch.cuda.is_available() else "cpu"
     (args.out / f"throughput-{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")

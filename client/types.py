@@ -183,6 +183,7 @@ def _generation_fields(r: pb.GenerateResponse | pb.GenerateStreamResponse) -> di
         request_id=r.request_id,
         seed=r.seed if r.HasField("seed") else None,
         stop_sequence=r.stop_sequence,
+        cached_input_token_count=r.cached_input_token_count,
         tokens=_tokens(r.tokens),
         input_tokens=_tokens(r.input_tokens),
     )
@@ -201,6 +202,7 @@ class Generation:
     stop_sequence: str = ""
     tokens: tuple[Token, ...] = ()
     input_tokens: tuple[Token, ...] = ()
+    cached_input_token_count: int = 0  # prompt tokens served from the server's prefix cache
 
     @classmethod
     def from_proto(cls, r: pb.GenerateResponse) -> Generation:
@@ -220,6 +222,7 @@ class StreamChunk:
     stop_sequence: str = ""
     tokens: tuple[Token, ...] = ()
     input_tokens: tuple[Token, ...] = ()
+    cached_input_token_count: int = 0  # prompt tokens served from the server's prefix cache
 
     @property
     def finished(self) -> bool:

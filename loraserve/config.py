@@ -238,11 +238,30 @@ class EngineConfig:
         "long for new ones.",
         metavar="TOKENS",
     )
+    min_prefill_tokens: int = option(
+        16,
+        "Fewest prompt tokens fed per step while streams decode, so that new prompts always progress.",
+        metavar="TOKENS",
+    )
+    decode_latency_factor: float = option(
+        2.0,
+        "A step that prefills prompt tokens while streams decode may take at most this many times as long as a "
+        "decode-only step of a full batch (--max-batch-size rows; measured as the server runs): it bounds the "
+        "inter-token latency of running streams.",
+        metavar="FACTOR",
+    )
     kv_cache_memory: str = option(
         "auto",
-        "Memory for the KV cache (e.g. 2GiB, 512MB). Requests are admitted only while their tokens fit in it. auto: "
-        "a tenth of RAM up to 2 GiB on a CPU, 90%% of the free memory after loading on CUDA.",
+        "Memory for the paged KV cache (e.g. 2GiB, 512MB). Requests are admitted while their blocks fit; when a "
+        "running request needs a block and none is left, the newest request is preempted and recomputed later. "
+        "auto: a tenth of RAM up to 2 GiB on a CPU, 90%% of the free memory after loading on CUDA.",
         metavar="SIZE",
+    )
+    kv_block_size: int = option(16, "Token positions per KV cache block.", metavar="TOKENS")
+    prefix_caching: bool = option(
+        True,
+        "Reuse the KV cache blocks of earlier requests that start with the same tokens under the same adapter "
+        "(shared system prompts, chat histories, RAG contexts).",
     )
     cuda_graphs: bool = option(True, "Replay decode steps as captured CUDA graphs (CUDA only).")
     max_adapters: int = option(
@@ -257,11 +276,23 @@ class EngineConfig:
     max_top_n: int = option(20, "Largest number of top alternatives per token a request may ask for.", metavar="N")
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_prefill_tokens", "default_max_new_tokens", "max_new_tokens"):
+        for name in (
+            "max_batch_size",
+            "max_prefill_tokens",
+            "min_prefill_tokens",
+            "kv_block_size",
+            "default_max_new_tokens",
+            "max_new_tokens",
+        ):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_queued_requests", "max_stop_sequences", "max_stop_sequence_length", "max_top_n"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         require(self.max_adapters >= 1, "max_adapters", f"must be >= 1, got {self.max_adapters}")
+        require(
+            self.decode_latency_factor >= 1.0,
+            "decode_latency_factor",
+            f"must be >= 1 (1 = prefill only when no stream decodes), got {self.decode_latency_factor}",
+        )
         try:
             parse_size(self.kv_cache_memory)
         except ValueError as error:

@@ -22,15 +22,15 @@ from grpc_reflection.v1alpha import reflection
 
 from loraserve.config import EngineConfig, ModelConfig, RagConfig, ServerConfig
 from loraserve.errors import ConfigError
+from loraserve.server.engine.telemetry import Telemetry
 from loraserve.server.interceptors import AccessInterceptor
 from loraserve.server.retrieval.retriever import Retriever
 from loraserve.server.servicer import AdapterServicer, CollectionServicer, InferenceServicer
-from loraserve.server.telemetry import Telemetry
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from loraserve.server.engine import Engine
+    from loraserve.server.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,8 @@ class LoraServer:
         )
 
     def _run_engine(self, started: EngineStartup) -> None:
-        from loraserve.server.engine import Engine
-        from loraserve.server.loading import load_model
+        from loraserve.server.engine.engine import Engine
+        from loraserve.server.models.loading import load_model
 
         try:
             engine = Engine(

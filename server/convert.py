@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import asdict
+from typing import Any, Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraserve.config import EngineConfig, RagConfig
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message, validate_messages
-from loraserve.server.adapters import AdapterInfo
-from loraserve.server.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail
-from loraserve.server.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
-from loraserve.server.rag import DEFAULT_TOP_K, MAX_TOP_K, RagAnswer, RagQuery
+from loraserve.server.engine.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail
+from loraserve.server.engine.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
+from loraserve.server.engine.stats import EngineStats
+from loraserve.server.models.adapters import AdapterInfo
+from loraserve.server.models.types import ModelDescription
 from loraserve.server.retrieval.documents import Document, check_documents
+from loraserve.server.retrieval.rag import DEFAULT_TOP_K, MAX_TOP_K, RagAnswer, RagQuery
 from loraserve.server.retrieval.search import Hit
 from loraserve.server.retrieval.store import CollectionInfo, UpsertOutcome
 from loraserve.v1 import inference_pb2 as pb
-
-if TYPE_CHECKING:  # both modules import torch, which the gRPC side never loads itself
-    from loraserve.server.engine import EngineStats
-    from loraserve.server.loading import ModelDescription
 
 _STOP_REASONS = {
     StopReason.MAX_TOKENS: pb.STOP_REASON_MAX_TOKENS,
@@ -155,6 +154,7 @@ def _generation_fields(item: GenerationResult | GenerationChunk) -> dict[str, An
         text=item.text,
         stop_reason=stop_reason(item.stop_reason),
         input_token_count=item.input_token_count,
+        cached_input_token_count=item.cached_input_token_count,
         generated_token_count=item.generated_token_count,
         request_id=item.request_id,
         stop_sequence=item.stop_sequence,
@@ -268,15 +268,7 @@ def model_info_response(
         adapters=[adapter_info(a) for a in adapters],
         server_version=version,
         limits=server_limits(config, rag),
-        stats=pb.ServerStats(
-            active_requests=stats.active_requests,
-            queued_requests=stats.queued_requests,
-            generated_tokens=stats.generated_tokens,
-            completed_requests=stats.completed_requests,
-            uptime_seconds=stats.uptime_seconds,
-            kv_cache_tokens=stats.kv_cache_tokens,
-            kv_cache_used_tokens=stats.kv_cache_used_tokens,
-        ),
+        stats=pb.ServerStats(**asdict(stats), prefix_cache_hit_rate=stats.prefix_cache_hit_rate),
         prompt_format=prompt_format,
         embedding_model=embedding_model,
     )

@@ -13,17 +13,18 @@ import grpc
 from loraserve import __version__
 from loraserve.config import ModelConfig, RagConfig
 from loraserve.errors import Unavailable
-from loraserve.server import convert, rag
+from loraserve.server import convert
 from loraserve.server.adapter_sources import resolve_source
+from loraserve.server.retrieval import rag
 from loraserve.server.status import rpc_method
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from loraserve.server.engine import Engine
-    from loraserve.server.request_stream import RequestStream
+    from loraserve.server.engine.engine import Engine
+    from loraserve.server.engine.request_stream import RequestStream
+    from loraserve.server.engine.telemetry import Telemetry
     from loraserve.server.retrieval.retriever import Retriever
-    from loraserve.server.telemetry import Telemetry
 
 
 def cancel_with_call(context: grpc.ServicerContext, stream: RequestStream) -> None:

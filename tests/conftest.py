@@ -29,7 +29,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model's real tokenizer (SmolLM2, with its chat template), saved as a plain folder."""
     from transformers import AutoTokenizer
 
-    from loraserve.server.loading import default_gguf_path
+    from loraserve.server.models.loading import default_gguf_path
 
     gguf = default_gguf_path()
     out = tmp_path_factory.mktemp("tokenizer")

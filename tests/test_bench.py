@@ -35,6 +35,9 @@ def test_throughput_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: 
         "2",
         "--adapter-rank",
         "4",
+        "--shared-prefix-tokens",
+        "48",
+        "--no-peer",
         "--out",
         str(tmp_path),
     )
@@ -47,11 +50,22 @@ def test_throughput_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: 
         ("server, 2 adapters mixed", 3),
         ("hf sequential", 1),
         ("hf static batch", 3),
+        ("server, shared prefix, cached", 16),
+        ("server, shared prefix, no cache", 16),
     }
-    assert {"server_3_vs_hf_static_3", "server_1_vs_hf_generate", "mixed_adapters_vs_base"} <= set(summary["ratios"])
+    assert any(name.startswith("server, Poisson") for name, _ in names)
+    ratios = summary["ratios"]
+    assert {"server_3_vs_hf_static_3", "server_1_vs_hf_generate", "mixed_adapters_vs_base"} <= set(ratios)
+    assert ratios["matmul_peak_gflops"] > 0 and 0 < ratios["server_3_peak_fraction"] < 1
+    assert ratios["shared_prefix_outputs_identical"] == 1.0 and ratios["shared_prefix_ttft_speedup"] > 0
+    assert {"poisson_ttft_p50_s", "poisson_itl_p95_over_p50"} <= set(ratios)
     server = [r for r in summary["results"] if r["name"] == "server"]
     assert all(r["generated_tokens"] == r["requests"] * 4 and r["mean_input_tokens"] > 0 for r in server)
-    assert summary["machine"]["cpu_cores"] and (tmp_path / "throughput-cpu.png").stat().st_size > 0
+    assert (
+        summary["machine"]["cpu_cores"]
+        and "cpu_flags" in summary["machine"]
+        and (tmp_path / "throughput-cpu.png").stat().st_size > 0
+    )
 
 
 def test_gpu_script_runs_tiny_on_the_cpu(tmp_path: Path) -> None:

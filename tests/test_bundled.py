@@ -6,7 +6,7 @@ import pytest
 
 from loraserve.bundled import bundled_path
 from loraserve.errors import ConfigError
-from loraserve.server.loading import DEFAULT_MODEL_DISTRIBUTION, DEFAULT_MODEL_FILE, default_gguf_path
+from loraserve.server.models.loading import DEFAULT_MODEL_DISTRIBUTION, DEFAULT_MODEL_FILE, default_gguf_path
 from loraserve.server.retrieval.embedding import resolve_embedding_folder
 
 

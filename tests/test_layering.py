@@ -1,11 +1,84 @@
-"""The arrows run one way: the client and the CLI's client commands work without torch, the servicer never loads
-torch itself, and the engine never imports grpc."""
+"""The arrows run one way: gRPC side (server/) -> engine (server/engine/) -> model runners (server/models/), with
+retrieval (server/retrieval/) beside the engine. The client and the CLI's client commands work without torch, the
+servicer never loads torch itself, the engine never imports grpc, and the trainer reaches into the server only for
+model loading."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GRPC_SIDE = tuple(
+    f"loraserve.server.{p.stem}" for p in (ROOT / "server").glob("*.py") if p.stem != "__init__"
+)  # app, servicer, convert, status, interceptors, adapter_sources
+GRPC = ("grpc", "grpc_health", "grpc_reflection", "loraserve.v1")
+
+# room -> module prefixes its modules must never import
+FORBIDDEN = {
+    "server/models": (*GRPC, *GRPC_SIDE, "loraserve.server.engine", "loraserve.server.retrieval"),
+    "server/engine": (*GRPC, *GRPC_SIDE, "loraserve.server.retrieval"),
+    "server/retrieval": (*GRPC, *GRPC_SIDE),
+    "trainer": (*GRPC, *GRPC_SIDE, "loraserve.server.engine", "loraserve.server.retrieval", "loraserve.client"),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside functions (TYPE_CHECKING imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def breaks(name: str, forbidden: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in forbidden)
+
+
+@pytest.mark.parametrize("room", sorted(FORBIDDEN))
+def test_no_room_imports_against_the_arrows(room: str) -> None:
+    files = sorted((ROOT / room).glob("*.py"))
+    assert files, room
+    wrong = {
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in files
+        for name in imported_modules(path)
+        if breaks(name, FORBIDDEN[room])
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_the_trainer_uses_only_model_loading_from_the_server() -> None:
+    used = {
+        name
+        for path in (ROOT / "trainer").glob("*.py")
+        for name in imported_modules(path)
+        if name.startswith("loraserve.server")
+    }
+    assert used and all(name.startswith("loraserve.server.models.loading") for name in used), used
+
+
+def test_value_types_load_without_torch() -> None:
+    result = run_python(
+        """
+        import sys
+        sys.modules["torch"] = None
+        import loraserve.server.models.types, loraserve.server.engine.stats, loraserve.server.engine.block_manager
+        import loraserve.server.engine.step_budget
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +119,8 @@ def test_the_engine_does_not_import_grpc() -> None:
     result = run_python(
         """
         import sys
-        import loraserve.server.engine, loraserve.server.loading, loraserve.server.rag
+        import loraserve.server.engine.engine, loraserve.server.models.loading, loraserve.server.retrieval.rag
+        import loraserve.server.models.registry
         print(sorted(name for name in sys.modules if name == "grpc" or name.startswith("loraserve.v1")))
         """
     )

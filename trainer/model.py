@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loraserve.errors import ConfigError
-from loraserve.server.loading import quantization_config, resolve_device, resolve_model_folder
+from loraserve.server.models.loading import quantization_config, resolve_device, resolve_model_folder
 from loraserve.trainer.config import DataConfig, TrainConfig
 
 logger = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -315,7 +316,9 @@ class Trainer:
             initial=self.state.step,
             desc="training",
             unit="step",
-            disable=not self.setup.processes.main,
+            # A bar only on a terminal: in a pipe its carriage-return updates glue onto the next log line (and the
+            # "step" log records say the same for a machine).
+            disable=not self.setup.processes.main or not sys.stderr.isatty(),
         )
         try:
             while self.state.epoch < self.config.epochs and not self.state.stopped:

@@ -116,7 +116,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "stop_reason", "input_token_count", "generated_token_count", "seed", "request_id", "tokens", "input_tokens", "stop_sequence")
+    __slots__ = ("text", "stop_reason", "input_token_count", "generated_token_count", "seed", "request_id", "tokens", "input_tokens", "stop_sequence", "cached_input_token_count")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class GenerateResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     text: str
     stop_reason: StopReason
     input_token_count: int
@@ -135,7 +136,8 @@ class GenerateResponse(_message.Message):
     tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
     input_tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
     stop_sequence: str
-    def __init__(self, text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., input_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., input_tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
+    cached_input_token_count: int
+    def __init__(self, text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., input_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., input_tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., stop_sequence: _Optional[str] = ..., cached_input_token_count: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
     __slots__ = ("prompt", "messages", "adapter_id", "sampling", "stopping", "response", "truncate_input_tokens")
@@ -156,7 +158,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "stop_reason", "input_token_count", "generated_token_count", "seed", "request_id", "tokens", "input_tokens", "stop_sequence")
+    __slots__ = ("text", "stop_reason", "input_token_count", "generated_token_count", "seed", "request_id", "tokens", "input_tokens", "stop_sequence", "cached_input_token_count")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +168,7 @@ class GenerateStreamResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     text: str
     stop_reason: StopReason
     input_token_count: int
@@ -175,7 +178,8 @@ class GenerateStreamResponse(_message.Message):
     tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
     input_tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
     stop_sequence: str
-    def __init__(self, text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., input_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., input_tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
+    cached_input_token_count: int
+    def __init__(self, text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., input_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., input_tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., stop_sequence: _Optional[str] = ..., cached_input_token_count: _Optional[int] = ...) -> None: ...
 
 class Document(_message.Message):
     __slots__ = ("id", "text", "title", "metadata")
@@ -376,7 +380,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., max_rag_document_chars: _Optional[int] = ..., max_rag_query_chars: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_rag_top_k: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("active_requests", "queued_requests", "generated_tokens", "completed_requests", "uptime_seconds", "kv_cache_tokens", "kv_cache_used_tokens")
+    __slots__ = ("active_requests", "queued_requests", "generated_tokens", "completed_requests", "uptime_seconds", "kv_cache_tokens", "kv_cache_used_tokens", "kv_cache_blocks", "kv_cache_block_size", "kv_cache_used_blocks", "kv_cache_cached_blocks", "prefix_caching", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_hit_rate", "preemptions")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -384,6 +388,15 @@ class ServerStats(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     queued_requests: int
     generated_tokens: int
@@ -391,7 +404,16 @@ class ServerStats(_message.Message):
     uptime_seconds: float
     kv_cache_tokens: int
     kv_cache_used_tokens: int
-    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., completed_requests: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_used_tokens: _Optional[int] = ...) -> None: ...
+    kv_cache_blocks: int
+    kv_cache_block_size: int
+    kv_cache_used_blocks: int
+    kv_cache_cached_blocks: int
+    prefix_caching: bool
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_hit_rate: float
+    preemptions: int
+    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., completed_requests: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_used_tokens: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_block_size: _Optional[int] = ..., kv_cache_used_blocks: _Optional[int] = ..., kv_cache_cached_blocks: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_source", "architecture", "dtype", "device", "quantization", "max_sequence_length", "vocab_size", "adapters", "server_version", "limits", "stats", "prompt_format", "embedding_model")

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from loraserve.client import Client, LoraserveRpcError, StopReason
-from loraserve.server.rag import NO_RELEVANT_DOCUMENTS
+from loraserve.server.retrieval.rag import NO_RELEVANT_DOCUMENTS
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -36,6 +36,21 @@ def test_generate_and_stream_agree_exactly(tiny_server) -> None:
     assert chunks[-1].stop_reason is StopReason.MAX_TOKENS and all(c.stop_reason is None for c in chunks[:-1])
     assert chunks[-1].generated_token_count == unary.generated_token_count == 40
     assert chunks[0].input_token_count == unary.input_token_count == client.tokenize(messages=USER).token_count
+
+
+def test_a_shared_prefix_is_reported_as_cached_tokens_and_in_the_stats(tiny_server) -> None:
+    client = tiny_server.client
+    system = {"role": "system", "content": "You answer questions about geography, briefly and exactly. " * 6}
+    first = client.generate(messages=[system, *USER], max_new_tokens=3)
+    again = [{"role": "user", "content": "And of Italy?"}]
+    unary = client.generate(messages=[system, *again], max_new_tokens=3)
+    chunks = list(client.stream(messages=[system, *again], max_new_tokens=3))
+    assert first.cached_input_token_count < unary.cached_input_token_count
+    assert unary.cached_input_token_count >= 48 and unary.cached_input_token_count < unary.input_token_count
+    assert all(c.cached_input_token_count >= unary.cached_input_token_count for c in chunks)
+    stats = wait_until_idle(client)
+    assert stats["prefix_caching"] and stats["prefix_cache_hit_tokens"] > 0 and stats["prefix_cache_hit_rate"] > 0
+    assert stats["kv_cache_used_blocks"] == 0 and stats["kv_cache_blocks"] > 0 and stats["kv_cache_block_size"] == 16
 
 
 def test_request_id_is_sent_as_metadata_and_in_the_response(tiny_server) -> None:

@@ -9,9 +9,9 @@ from loraserve.config import EngineConfig, RagConfig
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message
 from loraserve.server import convert
-from loraserve.server.adapters import AdapterInfo
-from loraserve.server.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail, TopToken
-from loraserve.server.rag import RagAnswer, Source
+from loraserve.server.engine.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail, TopToken
+from loraserve.server.models.adapters import AdapterInfo
+from loraserve.server.retrieval.rag import RagAnswer, Source
 from loraserve.server.retrieval.search import Hit
 from loraserve.server.retrieval.store import StoredPassage
 from loraserve.v1 import inference_pb2 as pb
@@ -118,8 +118,8 @@ def test_server_limits_mirror_the_engine_config() -> None:
 
 
 def test_model_info_response_carries_description_adapters_limits_and_stats() -> None:
-    from loraserve.server.engine import EngineStats
-    from loraserve.server.loading import ModelDescription
+    from loraserve.server.engine.stats import EngineStats
+    from loraserve.server.models.types import ModelDescription
 
     description = ModelDescription("m", "default", "LlamaForCausalLM", "float32", "cpu", "none", 8192, 49152)
     adapters = [AdapterInfo("alpha", 4, 16.0, ("q_proj", "v_proj"), "/adapters/alpha")]
@@ -129,8 +129,16 @@ def test_model_info_response_carries_description_adapters_limits_and_stats() -> 
         generated_tokens=99,
         completed_requests=5,
         uptime_seconds=3.5,
-        kv_cache_tokens=1000,
+        kv_cache_tokens=1024,
         kv_cache_used_tokens=256,
+        kv_cache_blocks=64,
+        kv_cache_block_size=16,
+        kv_cache_used_blocks=16,
+        kv_cache_cached_blocks=5,
+        prefix_caching=True,
+        prefix_cache_queried_tokens=400,
+        prefix_cache_hit_tokens=100,
+        preemptions=3,
     )
     info = convert.model_info_response(
         description, adapters, EngineConfig(), RagConfig(), stats, "chat-template", "1.2.3", "all-MiniLM-L6-v2"
@@ -138,7 +146,10 @@ def test_model_info_response_carries_description_adapters_limits_and_stats() -> 
     assert (info.model_name, info.max_sequence_length, info.vocab_size) == ("m", 8192, 49152)
     assert info.adapters[0].id == "alpha" and list(info.adapters[0].target_modules) == ["q_proj", "v_proj"]
     assert info.stats.active_requests == 2 and info.stats.generated_tokens == 99
-    assert info.stats.kv_cache_tokens == 1000 and info.stats.kv_cache_used_tokens == 256
+    assert info.stats.kv_cache_tokens == 1024 and info.stats.kv_cache_used_tokens == 256
+    assert (info.stats.kv_cache_blocks, info.stats.kv_cache_block_size, info.stats.kv_cache_used_blocks) == (64, 16, 16)
+    assert info.stats.kv_cache_cached_blocks == 5 and info.stats.prefix_caching and info.stats.preemptions == 3
+    assert info.stats.prefix_cache_hit_tokens == 100 and info.stats.prefix_cache_hit_rate == 0.25
     assert info.limits.max_new_tokens == EngineConfig().max_new_tokens
     assert info.server_version == "1.2.3" and info.prompt_format == "chat-template"
     assert info.embedding_model == "all-MiniLM-L6-v2"

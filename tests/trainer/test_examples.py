@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loraserve.prompting import Message, load_prompt_format
-from loraserve.server.tokenization import Tokenization
+from loraserve.server.engine.tokenization import Tokenization
 from loraserve.trainer.examples import IGNORE, LabelError, build_example
 from loraserve.trainer.train import collate
 

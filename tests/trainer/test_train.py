@@ -41,9 +41,9 @@ def test_a_run_writes_what_the_server_reads(train_config: TrainConfig, tiny_mode
 
     from loraserve.config import EngineConfig
     from loraserve.prompting import Message
-    from loraserve.server.engine import Engine
-    from loraserve.server.loading import load_model
-    from loraserve.server.params import GenerationRequest, StoppingParams
+    from loraserve.server.engine.engine import Engine
+    from loraserve.server.engine.params import GenerationRequest, StoppingParams
+    from loraserve.server.models.loading import load_model
 
     loaded = load_model(ModelConfig(model=str(tiny_model_dir), adapter=(f"trained={adapter}",), device="cpu"))
     info = loaded.lora_adapters[0].info

@@ -1,0 +1,44 @@
+"""The step budget: the cost model learns fixed and per-token step time, and prompt tokens are sized so that a step
+that prefills takes at most decode_latency_factor times a decode-only step."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraserve.server.engine.step_budget import StepBudget, StepCostModel
+
+
+def test_the_cost_model_recovers_fixed_and_per_token_time() -> None:
+    model = StepCostModel()
+    assert model.fit() is None
+    for tokens in [8, 40, 16, 200, 32, 120] * 10:
+        model.observe(tokens, 0.010 + 0.0005 * tokens)
+    fixed, per_token = model.fit()
+    assert fixed == pytest.approx(0.010, rel=1e-6) and per_token == pytest.approx(0.0005, rel=1e-6)
+
+
+def test_steps_of_one_size_teach_nothing() -> None:
+    model = StepCostModel()
+    for _ in range(20):
+        model.observe(32, 0.05)
+    assert model.fit() is None
+
+
+def test_prefill_budget_keeps_the_step_within_the_latency_factor() -> None:
+    budget = StepBudget(max_prefill_tokens=512, min_prefill_tokens=16, decode_latency_factor=2.0, max_batch_size=32)
+    assert budget.prefill_tokens(decoding_rows=0) == 512  # nobody is waiting on a token
+    assert budget.prefill_tokens(decoding_rows=8) == 16  # nothing learned yet: small chunks
+    for tokens in [8, 40, 16, 200, 32, 120] * 10:
+        budget.observe(tokens, 0.020 + 0.001 * tokens)
+    # a full-batch decode step (32 rows) takes 0.052 s; factor 2 allows 0.104 s: 84 tokens, of which 10 decode
+    assert budget.prefill_tokens(decoding_rows=10) == 74
+    assert budget.prefill_tokens(decoding_rows=32) == 52
+    assert budget.prefill_tokens(decoding_rows=40) == 60  # a bigger batch than max_batch_size: its own step
+    many = StepBudget(max_prefill_tokens=64, min_prefill_tokens=16, decode_latency_factor=8.0, max_batch_size=32)
+    for tokens in [8, 40, 16, 200] * 10:
+        many.observe(tokens, 0.020 + 0.001 * tokens)
+    assert many.prefill_tokens(decoding_rows=10) == 64  # capped by max_prefill_tokens
+    slow = StepBudget(max_prefill_tokens=512, min_prefill_tokens=16, decode_latency_factor=1.0, max_batch_size=32)
+    for tokens in [8, 40, 16, 200] * 10:
+        slow.observe(tokens, 0.020 + 0.001 * tokens)
+    assert slow.prefill_tokens(decoding_rows=32) == 16  # never below the minimum
