@@ -246,8 +246,8 @@ class EngineConfig:
     decode_latency_factor: float = option(
         2.0,
         "A step that prefills prompt tokens while streams decode may take at most this many times as long as a "
-        "decode-only step of a full batch (--max-batch-size rows; measured as the server runs): it bounds the "
-        "inter-token latency of running streams.",
+        "decode-only step of all running requests (measured as the server runs): it bounds the inter-token latency "
+        "of running streams.",
         metavar="FACTOR",
     )
     kv_cache_memory: str = option(

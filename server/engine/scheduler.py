@@ -68,7 +68,7 @@ class Scheduler:
             if sequence.pending == 1:
                 row = RowWork(sequence.table.blocks, sequence.next_tokens(1), sequence.cached, sequence.adapter_index)
                 work.append((sequence, row))
-        budget = self.budget.prefill_tokens(len(work))
+        budget = self.budget.prefill_tokens(len(work), len(running) - len(work))
         for sequence in running:
             if sequence.pending <= 1 or budget <= 0:
                 continue

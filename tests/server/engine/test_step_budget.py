@@ -25,20 +25,20 @@ def test_steps_of_one_size_teach_nothing() -> None:
 
 
 def test_prefill_budget_keeps_the_step_within_the_latency_factor() -> None:
-    budget = StepBudget(max_prefill_tokens=512, min_prefill_tokens=16, decode_latency_factor=2.0, max_batch_size=32)
-    assert budget.prefill_tokens(decoding_rows=0) == 512  # nobody is waiting on a token
-    assert budget.prefill_tokens(decoding_rows=8) == 16  # nothing learned yet: small chunks
+    budget = StepBudget(max_prefill_tokens=512, min_prefill_tokens=16, decode_latency_factor=2.0)
+    assert budget.prefill_tokens(decoding_rows=0, prefilling_rows=3) == 512  # nobody is waiting on a token
+    assert budget.prefill_tokens(decoding_rows=8, prefilling_rows=1) == 16  # nothing learned yet: small chunks
     for tokens in [8, 40, 16, 200, 32, 120] * 10:
         budget.observe(tokens, 0.020 + 0.001 * tokens)
-    # a full-batch decode step (32 rows) takes 0.052 s; factor 2 allows 0.104 s: 84 tokens, of which 10 decode
-    assert budget.prefill_tokens(decoding_rows=10) == 74
-    assert budget.prefill_tokens(decoding_rows=32) == 52
-    assert budget.prefill_tokens(decoding_rows=40) == 60  # a bigger batch than max_batch_size: its own step
-    many = StepBudget(max_prefill_tokens=64, min_prefill_tokens=16, decode_latency_factor=8.0, max_batch_size=32)
+    # 10 decoding + 2 prefilling: their decode step takes 0.032 s; factor 2 allows 0.064 s: 44 tokens, 10 of them decode
+    assert budget.prefill_tokens(decoding_rows=10, prefilling_rows=2) == 34
+    # a burst of prompts behind a few streams: the batch being formed is large, so is the budget
+    assert budget.prefill_tokens(decoding_rows=2, prefilling_rows=30) == 82
+    many = StepBudget(max_prefill_tokens=64, min_prefill_tokens=16, decode_latency_factor=8.0)
     for tokens in [8, 40, 16, 200] * 10:
         many.observe(tokens, 0.020 + 0.001 * tokens)
-    assert many.prefill_tokens(decoding_rows=10) == 64  # capped by max_prefill_tokens
-    slow = StepBudget(max_prefill_tokens=512, min_prefill_tokens=16, decode_latency_factor=1.0, max_batch_size=32)
+    assert many.prefill_tokens(decoding_rows=10, prefilling_rows=1) == 64  # capped by max_prefill_tokens
+    slow = StepBudget(max_prefill_tokens=512, min_prefill_tokens=16, decode_latency_factor=1.0)
     for tokens in [8, 40, 16, 200] * 10:
         slow.observe(tokens, 0.020 + 0.001 * tokens)
-    assert slow.prefill_tokens(decoding_rows=32) == 16  # never below the minimum
+    assert slow.prefill_tokens(decoding_rows=32, prefilling_rows=1) == 16  # never below the minimum
