@@ -25,10 +25,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import load
-import peer
 import torch
 
+import load
+import peer
 from common import machine, make_adapters, matmul_peak_gflops, prompts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,8 +106,7 @@ def measure_poisson(
     count = POISSON_STREAMS * 3
     print(f"server: {count} Poisson arrivals at {rate:.2f} requests/s ...", flush=True)
     outcomes, seconds = asyncio.run(load.drive_poisson(target, fresh.take(count), rate, args.new_tokens))
-    result = load.summarize(f"server, Poisson {rate:.2f} req/s", POISSON_STREAMS, outcomes, seconds)
-    return result
+    return load.summarize(f"server, Poisson {rate:.2f} req/s", POISSON_STREAMS, outcomes, seconds)
 
 
 SHARED_OUTPUTS: dict[str, list[str]] = {}

@@ -156,7 +156,7 @@ class Engine:
                     sequence.table = BlockTable(identity)
 
     def _identity(self, adapter_id: str) -> bytes:
-        return self._adapter_identity.get(adapter_id, BASE_MODEL_IDENTITY) if adapter_id else BASE_MODEL_IDENTITY
+        return self._adapter_identity.get(adapter_id, BASE_MODEL_IDENTITY)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 

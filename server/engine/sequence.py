@@ -11,7 +11,7 @@ import torch
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from loraserve.server.engine.block_manager import BlockTable
+from loraserve.server.engine.block_manager import BASE_MODEL_IDENTITY, BlockTable
 from loraserve.server.engine.detokenizer import IncrementalDetokenizer
 from loraserve.server.engine.outputs import GenerationChunk, StopReason, TokenDetail, TopToken
 from loraserve.server.engine.params import GenerationRequest
@@ -45,7 +45,6 @@ class Sequence:
         stream: RequestStream,
         context: SequenceContext,
         adapter_index: int = -1,
-        adapter_identity: bytes = b"",
     ) -> None:
         self.request = request
         self.request_id = request.request_id
@@ -54,10 +53,9 @@ class Sequence:
         self.adapter_index = adapter_index  # among the resident adapters; -1 for the base model
         # KV cache positions this request may fill: its prompt and every token it may generate.
         self.reservation = min(len(prompt_ids) + max_new_tokens, context.max_sequence_length)
-        self.table = BlockTable(adapter_identity)  # its KV cache blocks while it runs
+        self.table = BlockTable(BASE_MODEL_IDENTITY)  # its KV cache blocks while it runs (the engine sets the adapter)
         self.cached = 0  # tokens whose keys and values are in its blocks
         self.cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
-        self.preemptions = 0
         self.stream = stream
         self.context = context
         self.generated: list[int] = []
@@ -103,7 +101,6 @@ class Sequence:
     def preempted(self) -> None:
         """Its blocks were taken back: everything is fed again when it is admitted again."""
         self.cached = 0
-        self.preemptions += 1
 
     def cancel(self) -> None:
         """Ask for the request to end (any thread); the engine acts on it before its next step."""

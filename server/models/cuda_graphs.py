@@ -100,7 +100,8 @@ class DecodeGraphs:
         tables = [t + [SCRATCH_BLOCK] * (width - len(t)) for t in tables] + [[SCRATCH_BLOCK] * width] * pad
         static.token_ids.copy_(values([w.tokens[0] for w in work], 0), non_blocking=True)
         static.positions.copy_(values([w.start for w in work], 0), non_blocking=True)
-        static.slots.copy_(values([kv.slot(w.blocks, w.start) for w in work], SCRATCH_BLOCK), non_blocking=True)
+        scratch = kv.slot([SCRATCH_BLOCK], 0)
+        static.slots.copy_(values([kv.slot(w.blocks, w.start) for w in work], scratch), non_blocking=True)
         static.tables.copy_(torch.tensor(tables, dtype=torch.long), non_blocking=True)
         static.lengths.copy_(values([w.end for w in work], 1), non_blocking=True)
         static.adapters.copy_(values([w.adapter for w in work], -1), non_blocking=True)
@@ -113,7 +114,8 @@ class DecodeGraphs:
 
         # Until filled, every row writes to the scratch block: warming up and capturing touch no request's cache.
         tables = torch.full((rows, width), SCRATCH_BLOCK, dtype=torch.long, device=device)
-        static = StaticDecode(buffer(0), buffer(0), buffer(SCRATCH_BLOCK), tables, buffer(1), buffer(-1))
+        scratch = self.runner.kv.slot([SCRATCH_BLOCK], 0)
+        static = StaticDecode(buffer(0), buffer(0), buffer(scratch), tables, buffer(1), buffer(-1))
         if self.capture:
             self._capture(static)
         self._statics[(rows, width)] = static

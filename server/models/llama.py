@@ -138,10 +138,10 @@ class LlamaRunner:
             adapters.extend([w.adapter] * len(w.tokens))
             last_index[id(w)] = len(token_ids) - 1
             if len(w.tokens) > 1:
-                table = self.tensor([list(w.blocks[: self.kv.blocks_for(w.end)])])
+                table = self.tensor([self._table(w)])
                 chunk_spans.append((table, w.start, len(w.tokens), offset))
         width = max((self.kv.blocks_for(w.end) for w in singles), default=0)
-        tables = [list(w.blocks[: self.kv.blocks_for(w.end)]) for w in singles]
+        tables = [self._table(w) for w in singles]
         return PackedStep(
             token_ids=self.tensor(token_ids),
             positions=self.tensor(positions),
@@ -154,6 +154,10 @@ class LlamaRunner:
             chunks=chunk_spans,
             logit_index=self.tensor([last_index[id(w)] for w in work if w.wants_logits]),
         )
+
+    def _table(self, w: RowWork) -> list[int]:
+        """The blocks that hold w's positions after this step."""
+        return list(w.blocks[: self.kv.blocks_for(w.end)])
 
     def tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

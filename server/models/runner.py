@@ -45,7 +45,11 @@ class ModelRunnerClass(Protocol):
     """What the registry knows of a runner before a model is loaded into it."""
 
     def __call__(
-        self, model: PreTrainedModel, linears: dict[tuple[int, str], Linear], kv_cache: PagedKVCache, lora: None
+        self,
+        model: PreTrainedModel,
+        linears: dict[tuple[int, str], Linear],
+        kv_cache: PagedKVCache,
+        lora: LoraBanks | None,
     ) -> ModelRunner: ...
 
     @staticmethod
