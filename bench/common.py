@@ -81,6 +81,21 @@ def prompts(tokenizer, count: int, length: int, start: int = 0) -> list[str]:  #
     return out
 
 
+class FreshPrompts:
+    """Prompts never sent before in this run: every measurement takes its own, so none finds another's prompts in the
+    server's prefix cache (only the shared-prefix measurement is about that)."""
+
+    def __init__(self, tokenizer, length: int) -> None:  # type: ignore[no-untyped-def]
+        self.tokenizer = tokenizer
+        self.length = length
+        self.used = 0
+
+    def take(self, count: int) -> list[str]:
+        texts = prompts(self.tokenizer, count, self.length, start=self.used)
+        self.used += count
+        return texts
+
+
 def percentile(values: list[float], q: int) -> float:
     """The q-th percentile (q in 1..99) of values; the value itself for a single sample."""
     if len(values) < 2:

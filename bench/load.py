@@ -108,13 +108,20 @@ class StreamOutcome:
 
 
 async def stream_one(
-    stub: pb_grpc.InferenceServiceStub, prompt: str, new_tokens: int, adapter: str, start: float | None = None
+    stub: pb_grpc.InferenceServiceStub,
+    prompt: str,
+    new_tokens: int,
+    adapter: str,
+    start: float | None = None,
+    constraint: pb.OutputConstraint | None = None,
 ) -> StreamOutcome:
-    """Stream one greedy request of exactly new_tokens tokens; `start` is when it arrived (default: now)."""
+    """Stream one greedy request of exactly new_tokens tokens (unless a constraint completes first); `start` is when
+    it arrived (default: now)."""
     request = pb.GenerateStreamRequest(
         prompt=prompt,
         adapter_id=adapter,
         stopping=pb.StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+        constraint=constraint,
     )
     outcome = StreamOutcome(RequestTiming(start=start if start is not None else time.perf_counter()))
     texts = []
@@ -128,7 +135,13 @@ async def stream_one(
 
 
 async def drive(
-    target: str, texts: list[str], concurrency: int, per_stream: int, new_tokens: int, adapters: list[str]
+    target: str,
+    texts: list[str],
+    concurrency: int,
+    per_stream: int,
+    new_tokens: int,
+    adapters: list[str],
+    constraint: pb.OutputConstraint | None = None,
 ) -> tuple[list[StreamOutcome], float]:
     """`concurrency` streams, each sending `per_stream` requests one after another (a closed loop)."""
     async with grpc.aio.insecure_channel(target) as channel:
@@ -138,7 +151,8 @@ async def drive(
             results = []
             for k in range(per_stream):
                 n = index * per_stream + k
-                results.append(await stream_one(stub, texts[n % len(texts)], new_tokens, adapters[n % len(adapters)]))
+                text, adapter = texts[n % len(texts)], adapters[n % len(adapters)]
+                results.append(await stream_one(stub, text, new_tokens, adapter, constraint=constraint))
             return results
 
         start = time.perf_counter()

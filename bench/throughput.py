@@ -29,26 +29,11 @@ import torch
 
 import load
 import peer
-from common import machine, make_adapters, matmul_peak_gflops, prompts
+from common import FreshPrompts, machine, make_adapters, matmul_peak_gflops, prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 POISSON_STREAMS = 16  # the Poisson run offers 80% of what the server sustained with this many closed-loop streams
 POISSON_LOAD = 0.8
-
-
-class FreshPrompts:
-    """Prompts never sent before in this run: every measurement takes its own, so none finds another's prompts in the
-    server's prefix cache (only the shared-prefix measurement is about that)."""
-
-    def __init__(self, tokenizer, length: int) -> None:  # type: ignore[no-untyped-def]
-        self.tokenizer = tokenizer
-        self.length = length
-        self.used = 0
-
-    def take(self, count: int) -> list[str]:
-        texts = prompts(self.tokenizer, count, self.length, start=self.used)
-        self.used += count
-        return texts
 
 
 def measure_level(

@@ -101,7 +101,9 @@ class Client:
         metadata: Metadata = (),
         **options: Unpack[GenerationOptions],
     ) -> Generation:
-        """The whole completion of a raw prompt or of chat messages."""
+        """The whole completion of a raw prompt or of chat messages. At most one of json_schema (a mapping or JSON
+        text), json_object=True, regex, choice (a list of strings) and grammar (Lark) constrains the output; a
+        completion that satisfies it ends with StopReason.CONSTRAINT_COMPLETE."""
         request = build_generation(pb.GenerateRequest(), prompt, messages, options)
         return Generation.from_proto(self._call(self._stub.Generate, request, timeout, metadata))
 

@@ -29,6 +29,29 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
     group.add_argument("--repetition-penalty", type=float, help="> 1 discourages repetition")
     group.add_argument("--stop", dest="stop_sequences", action="append", default=[], help="stop sequence (repeatable)")
+    output = group.add_mutually_exclusive_group()
+    output.add_argument(
+        "--json-schema", metavar="FILE|JSON", help="answer with JSON that matches this schema (a file, or JSON text)"
+    )
+    output.add_argument("--json-object", action="store_true", default=None, help="answer with any JSON object")
+    output.add_argument("--regex", help="answer with text that matches this regular expression")
+    output.add_argument(
+        "--choice", type=_choices, metavar="A,B,...", help="answer with exactly one of these comma-separated strings"
+    )
+    output.add_argument("--grammar", metavar="FILE|LARK", help="answer in this Lark grammar (a file, or its text)")
+
+
+def _choices(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",")]
+
+
+def _file_or_text(value: str) -> str:
+    """The contents of the file `value` names, or `value` itself when no such file exists."""
+    path = Path(value)
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else value
+    except OSError as error:
+        raise ConfigError(f"{value}: {error.strerror}") from None
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
@@ -42,8 +65,17 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
         "seed",
         "repetition_penalty",
         "stop_sequences",
+        "json_schema",
+        "json_object",
+        "regex",
+        "choice",
+        "grammar",
     )
-    return GenerationOptions(**{n: getattr(args, n) for n in names if getattr(args, n) not in (None, "", [])})
+    options = {n: getattr(args, n) for n in names if getattr(args, n, None) not in (None, "", [])}
+    for name in ("json_schema", "grammar"):
+        if name in options:
+            options[name] = _file_or_text(options[name])
+    return GenerationOptions(**options)  # type: ignore[typeddict-item]
 
 
 def client_for(config: ClientConfig, timeout: float | None = None) -> Client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ class StopReason(enum.StrEnum):
     TIME_LIMIT = "TIME_LIMIT"
     CANCELLED = "CANCELLED"
     TOKEN_LIMIT = "TOKEN_LIMIT"
+    CONSTRAINT_COMPLETE = "CONSTRAINT_COMPLETE"
 
     @classmethod
     def from_proto(cls, value: int) -> StopReason:
@@ -66,11 +68,35 @@ class GenerationOptions(TypedDict, total=False):
     top_n: int
     input_tokens: bool
     truncate_input_tokens: int
+    # output constraint: at most one (a JSON schema may be given as a mapping or as JSON text)
+    json_schema: Mapping[str, Any] | str
+    json_object: bool
+    regex: str
+    choice: Sequence[str]
+    grammar: str
 
 
 _SAMPLING = ("temperature", "top_k", "top_p", "seed", "repetition_penalty")
 _STOPPING = ("max_new_tokens", "min_new_tokens", "include_stop_sequence", "time_limit_ms")
 _RESPONSE = ("token_ids", "logprobs", "top_n", "input_tokens")
+_CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+def build_constraint(options: Mapping[str, Any]) -> pb.OutputConstraint | None:
+    """The OutputConstraint the options ask for, or None; more than one is a TypeError."""
+    given = [name for name in _CONSTRAINTS if options.get(name) not in (None, False)]
+    if len(given) > 1:
+        raise TypeError(f"give at most one output constraint, got {', '.join(given)}")
+    if not given:
+        return None
+    name, value = given[0], options[given[0]]
+    if name == "json_schema":
+        return pb.OutputConstraint(json_schema=value if isinstance(value, str) else json.dumps(value))
+    if name == "choice":
+        if isinstance(value, str):
+            raise TypeError("choice takes a sequence of strings, not one string")
+        return pb.OutputConstraint(choice=pb.Choices(values=list(value)))
+    return pb.OutputConstraint(**{name: value})
 
 
 def _fill(message: Any, options: Mapping[str, Any], names: tuple[str, ...]) -> None:
@@ -99,6 +125,9 @@ def build_generation(
     _fill(request.response, options, _RESPONSE)
     if options.get("truncate_input_tokens") is not None:
         request.truncate_input_tokens = options["truncate_input_tokens"]
+    constraint = build_constraint(options)
+    if constraint is not None:
+        request.constraint.CopyFrom(constraint)
     return request
 
 
@@ -118,7 +147,7 @@ def build_rag_query(
     min_similarity: float | None,
     options: GenerationOptions,
 ) -> pb.RagQueryRequest:
-    not_for_rag = set(options) - {"adapter_id", *_SAMPLING, *_STOPPING, "stop_sequences"}
+    not_for_rag = set(options) - {"adapter_id", *_SAMPLING, *_STOPPING, "stop_sequences", *_CONSTRAINTS}
     if not_for_rag:
         raise TypeError(f"option(s) not available for rag_query: {', '.join(sorted(not_for_rag))}")
     request = pb.RagQueryRequest(
@@ -134,6 +163,9 @@ def build_rag_query(
     _fill(request.sampling, options, _SAMPLING)
     _fill(request.stopping, options, _STOPPING)
     request.stopping.stop_sequences.extend(options.get("stop_sequences", ()))
+    constraint = build_constraint(options)
+    if constraint is not None:
+        request.constraint.CopyFrom(constraint)
     return request
 
 

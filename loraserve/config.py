@@ -274,6 +274,15 @@ class EngineConfig:
     max_stop_sequences: int = option(8, "Most stop sequences per request.", metavar="N")
     max_stop_sequence_length: int = option(256, "Longest stop sequence, in characters.", metavar="CHARS")
     max_top_n: int = option(20, "Largest number of top alternatives per token a request may ask for.", metavar="N")
+    max_constraint_bytes: int = option(
+        65536,
+        "Longest output constraint (JSON schema, regex or grammar; all choices together), in bytes.",
+        metavar="BYTES",
+    )
+    max_constraint_choices: int = option(1024, "Most strings in a choice constraint.", metavar="N")
+    constraint_cache_size: int = option(
+        256, "Compiled output constraints kept for reuse (least recently used ones are dropped).", metavar="N"
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -283,6 +292,9 @@ class EngineConfig:
             "kv_block_size",
             "default_max_new_tokens",
             "max_new_tokens",
+            "max_constraint_bytes",
+            "max_constraint_choices",
+            "constraint_cache_size",
         ):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_queued_requests", "max_stop_sequences", "max_stop_sequence_length", "max_top_n"):

@@ -12,7 +12,14 @@ from loraserve.config import EngineConfig, RagConfig
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message, validate_messages
 from loraserve.server.engine.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail
-from loraserve.server.engine.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
+from loraserve.server.engine.params import (
+    ConstraintKind,
+    GenerationRequest,
+    OutputConstraint,
+    OutputOptions,
+    SamplingParams,
+    StoppingParams,
+)
 from loraserve.server.engine.stats import EngineStats
 from loraserve.server.models.adapters import AdapterInfo
 from loraserve.server.models.types import ModelDescription
@@ -29,6 +36,7 @@ _STOP_REASONS = {
     StopReason.TIME_LIMIT: pb.STOP_REASON_TIME_LIMIT,
     StopReason.CANCELLED: pb.STOP_REASON_CANCELLED,
     StopReason.TOKEN_LIMIT: pb.STOP_REASON_TOKEN_LIMIT,
+    StopReason.CONSTRAINT_COMPLETE: pb.STOP_REASON_CONSTRAINT_COMPLETE,
 }
 
 
@@ -42,6 +50,7 @@ class _GenerateLike(Protocol):
     stopping: pb.StoppingCriteria
     response: pb.ResponseOptions
     truncate_input_tokens: int
+    constraint: pb.OutputConstraint
 
     def HasField(self, name: str) -> bool: ...
 
@@ -84,6 +93,24 @@ def output_options(message: pb.ResponseOptions) -> OutputOptions:
     )
 
 
+def output_constraint(message: Any) -> OutputConstraint | None:
+    """The request's `constraint` field (GenerateRequest, GenerateStreamRequest or RagQueryRequest), None if unset."""
+    if not message.HasField("constraint"):
+        return None
+    constraint: pb.OutputConstraint = message.constraint
+    which = constraint.WhichOneof("kind")
+    if which is None:
+        raise InvalidRequest(
+            "set one of json_schema, json_object, regex, choice and grammar (or leave constraint unset)", "constraint"
+        )
+    kind = ConstraintKind(which)
+    if kind is ConstraintKind.JSON_OBJECT and not constraint.json_object:
+        raise InvalidRequest("must be true (any JSON object); leave the constraint unset for free text", "constraint")
+    if kind is ConstraintKind.CHOICE:
+        return OutputConstraint(kind, choices=tuple(constraint.choice.values))
+    return OutputConstraint(kind, text="" if kind is ConstraintKind.JSON_OBJECT else getattr(constraint, which))
+
+
 def generation_request(message: _GenerateLike, request_id: str, deadline: float | None) -> GenerationRequest:
     """A GenerateRequest or GenerateStreamRequest as the engine's request."""
     return GenerationRequest(
@@ -94,6 +121,7 @@ def generation_request(message: _GenerateLike, request_id: str, deadline: float 
         stopping=stopping_params(message.stopping),
         output=output_options(message.response),
         truncate_input_tokens=_optional(message, "truncate_input_tokens", 0),
+        constraint=output_constraint(message),
         request_id=request_id,
         deadline=deadline,
     )
@@ -119,6 +147,7 @@ def rag_query(message: pb.RagQueryRequest, request_id: str, deadline: float | No
         adapter_id=message.adapter_id,
         sampling=sampling_params(message.sampling),
         stopping=stopping_params(message.stopping),
+        constraint=output_constraint(message),
         request_id=request_id,
         deadline=deadline,
     )
@@ -226,6 +255,8 @@ def server_limits(config: EngineConfig, rag: RagConfig) -> pb.ServerLimits:
         max_rag_query_chars=rag.max_rag_query_chars,
         max_upsert_documents=rag.max_upsert_documents,
         max_rag_top_k=MAX_TOP_K,
+        max_constraint_bytes=config.max_constraint_bytes,
+        max_constraint_choices=config.max_constraint_choices,
     )
 
 

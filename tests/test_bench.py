@@ -108,3 +108,35 @@ def test_retrieval_script_meets_the_quality_bar_on_the_labelled_set(tmp_path: Pa
     embedders = summary["embedders"]
     assert set(embedders["passages_per_second"]) == {"transformers (server)", "sentence-transformers"}
     assert embedders["max_abs_difference"] < 1e-4  # the server's embeddings are sentence-transformers' embeddings
+
+
+def test_structured_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run(
+        "bench/structured.py",
+        "--model",
+        str(tiny_model_dir),
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "4",
+        "--prompt-tokens",
+        "16",
+        "--mask-steps",
+        "4",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "structured-cpu.json").read_text())
+    libraries = {row["library"]: row for row in summary["libraries"]}
+    assert set(libraries) == {
+        "llguidance, as loraserve applies it",
+        "llguidance, masks only",
+        "xgrammar, row by row",
+        "xgrammar, batch matcher",
+        "outlines-core, row by row",
+    }
+    assert all(row["mask_ms_per_step_batch_32"] > 0 for row in libraries.values())
+    engine = summary["engine"]
+    assert engine["json_vs_free"] > 0 and engine["mask_steps"] > 0 and engine["mask_ms_per_step"] > 0
+    assert {r["generated_tokens"] for runs in engine["runs"].values() for r in runs} == {32 * 4}

@@ -61,6 +61,21 @@ def test_generate_reports_errors_with_their_code(tiny_server) -> None:
     assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in bad.stderr
 
 
+def test_generate_takes_an_output_constraint(tiny_server, tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(schema))
+    base = ["generate", "--target", tiny_server.target, "Answer:", "--max-new-tokens", "24"]
+    from_file = cli(*base, "--json-schema", str(schema_file), "--json")
+    assert from_file.returncode == 0, from_file.stderr
+    result = json.loads(from_file.stdout)
+    assert result["stop_reason"] == "CONSTRAINT_COMPLETE" and isinstance(json.loads(result["text"])["ok"], bool)
+    chosen = cli(*base, "--choice", "left, right", "--stream")
+    assert chosen.returncode == 0 and chosen.stdout.strip() in ("left", "right"), chosen.stderr
+    two = cli(*base, "--regex", "a+", "--choice", "a,b")
+    assert two.returncode == 2 and "not allowed with argument" in two.stderr
+
+
 def test_chat_keeps_the_conversation(tiny_server) -> None:
     result = cli("chat", "--target", tiny_server.target, "--max-new-tokens", "4", stdin="Hi\n/reset\nAgain\n/exit\n")
     assert result.returncode == 0, result.stderr

@@ -69,3 +69,25 @@ def test_health_check_through_grpcurl(grpcurl: Path, tiny_server) -> None:
         grpcurl, tiny_server.target, "grpc.health.v1.Health/Check", data={"service": "loraserve.v1.InferenceService"}
     )
     assert json.loads(health.stdout) == {"status": "SERVING"}
+
+
+def test_a_constraint_through_reflection(grpcurl: Path, tiny_server) -> None:
+    """The README's structured-output requests, as grpcurl sends them."""
+    schema = {
+        "type": "object",
+        "properties": {"born": {"type": "integer", "minimum": 0, "maximum": 2100}},
+        "required": ["born"],
+        "additionalProperties": False,
+    }
+    requests = [
+        {"prompt": "Sentiment:", "constraint": {"choice": {"values": ["positive", "negative"]}}},
+        {"prompt": "A scientist:", "constraint": {"json_schema": json.dumps(schema)}},
+    ]
+    texts = []
+    for request in requests:
+        result = run(grpcurl, tiny_server.target, "loraserve.v1.InferenceService/Generate", data=request)
+        assert result.returncode == 0, result.stderr
+        response = json.loads(result.stdout)
+        assert response["stop_reason"] == "STOP_REASON_CONSTRAINT_COMPLETE"
+        texts.append(response["text"])
+    assert texts[0] in ("positive", "negative") and isinstance(json.loads(texts[1])["born"], int)

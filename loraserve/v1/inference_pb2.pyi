@@ -19,6 +19,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_TIME_LIMIT: _ClassVar[StopReason]
     STOP_REASON_CANCELLED: _ClassVar[StopReason]
     STOP_REASON_TOKEN_LIMIT: _ClassVar[StopReason]
+    STOP_REASON_CONSTRAINT_COMPLETE: _ClassVar[StopReason]
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_MAX_TOKENS: StopReason
 STOP_REASON_EOS_TOKEN: StopReason
@@ -26,6 +27,7 @@ STOP_REASON_STOP_SEQUENCE: StopReason
 STOP_REASON_TIME_LIMIT: StopReason
 STOP_REASON_CANCELLED: StopReason
 STOP_REASON_TOKEN_LIMIT: StopReason
+STOP_REASON_CONSTRAINT_COMPLETE: StopReason
 
 class Message(_message.Message):
     __slots__ = ("role", "content")
@@ -75,6 +77,26 @@ class ResponseOptions(_message.Message):
     input_tokens: bool
     def __init__(self, token_ids: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_n: _Optional[int] = ..., input_tokens: _Optional[bool] = ...) -> None: ...
 
+class OutputConstraint(_message.Message):
+    __slots__ = ("json_schema", "json_object", "regex", "choice", "grammar")
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    json_object: bool
+    regex: str
+    choice: Choices
+    grammar: str
+    def __init__(self, json_schema: _Optional[str] = ..., json_object: _Optional[bool] = ..., regex: _Optional[str] = ..., choice: _Optional[_Union[Choices, _Mapping]] = ..., grammar: _Optional[str] = ...) -> None: ...
+
+class Choices(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class TopToken(_message.Message):
     __slots__ = ("id", "text", "logprob")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -98,7 +120,7 @@ class TokenInfo(_message.Message):
     def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "adapter_id", "sampling", "stopping", "response", "truncate_input_tokens")
+    __slots__ = ("prompt", "messages", "adapter_id", "sampling", "stopping", "response", "truncate_input_tokens", "constraint")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +128,7 @@ class GenerateRequest(_message.Message):
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     adapter_id: str
@@ -113,7 +136,8 @@ class GenerateRequest(_message.Message):
     stopping: StoppingCriteria
     response: ResponseOptions
     truncate_input_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ...) -> None: ...
+    constraint: OutputConstraint
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ..., constraint: _Optional[_Union[OutputConstraint, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "stop_reason", "input_token_count", "generated_token_count", "seed", "request_id", "tokens", "input_tokens", "stop_sequence", "cached_input_token_count")
@@ -140,7 +164,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., input_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., input_tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., stop_sequence: _Optional[str] = ..., cached_input_token_count: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "adapter_id", "sampling", "stopping", "response", "truncate_input_tokens")
+    __slots__ = ("prompt", "messages", "adapter_id", "sampling", "stopping", "response", "truncate_input_tokens", "constraint")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +172,7 @@ class GenerateStreamRequest(_message.Message):
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     adapter_id: str
@@ -155,7 +180,8 @@ class GenerateStreamRequest(_message.Message):
     stopping: StoppingCriteria
     response: ResponseOptions
     truncate_input_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ...) -> None: ...
+    constraint: OutputConstraint
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ..., constraint: _Optional[_Union[OutputConstraint, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("text", "stop_reason", "input_token_count", "generated_token_count", "seed", "request_id", "tokens", "input_tokens", "stop_sequence", "cached_input_token_count")
@@ -201,7 +227,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RagQueryRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_k", "adapter_id", "sampling", "stopping", "collection", "min_similarity")
+    __slots__ = ("query", "documents", "top_k", "adapter_id", "sampling", "stopping", "collection", "min_similarity", "constraint")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +236,7 @@ class RagQueryRequest(_message.Message):
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_k: int
@@ -218,7 +245,8 @@ class RagQueryRequest(_message.Message):
     stopping: StoppingCriteria
     collection: str
     min_similarity: float
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_k: _Optional[int] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., collection: _Optional[str] = ..., min_similarity: _Optional[float] = ...) -> None: ...
+    constraint: OutputConstraint
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_k: _Optional[int] = ..., adapter_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., collection: _Optional[str] = ..., min_similarity: _Optional[float] = ..., constraint: _Optional[_Union[OutputConstraint, _Mapping]] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("document_id", "title", "passage", "score", "rank", "metadata", "cited", "similarity", "bm25_score", "collection", "passage_index", "start_char", "end_char")
@@ -350,7 +378,7 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., max_adapters: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents", "max_prefill_tokens", "max_rag_document_chars", "max_rag_query_chars", "max_upsert_documents", "max_rag_top_k")
+    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents", "max_prefill_tokens", "max_rag_document_chars", "max_rag_query_chars", "max_upsert_documents", "max_rag_top_k", "max_constraint_bytes", "max_constraint_choices")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -364,6 +392,8 @@ class ServerLimits(_message.Message):
     MAX_RAG_QUERY_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_UPSERT_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_RAG_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONSTRAINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONSTRAINT_CHOICES_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     default_max_new_tokens: int
     max_stop_sequences: int
@@ -377,10 +407,12 @@ class ServerLimits(_message.Message):
     max_rag_query_chars: int
     max_upsert_documents: int
     max_rag_top_k: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., max_rag_document_chars: _Optional[int] = ..., max_rag_query_chars: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_rag_top_k: _Optional[int] = ...) -> None: ...
+    max_constraint_bytes: int
+    max_constraint_choices: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., max_rag_document_chars: _Optional[int] = ..., max_rag_query_chars: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_rag_top_k: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ..., max_constraint_choices: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("active_requests", "queued_requests", "generated_tokens", "completed_requests", "uptime_seconds", "kv_cache_tokens", "kv_cache_used_tokens", "kv_cache_blocks", "kv_cache_block_size", "kv_cache_used_blocks", "kv_cache_cached_blocks", "prefix_caching", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_hit_rate", "preemptions")
+    __slots__ = ("active_requests", "queued_requests", "generated_tokens", "completed_requests", "uptime_seconds", "kv_cache_tokens", "kv_cache_used_tokens", "kv_cache_blocks", "kv_cache_block_size", "kv_cache_used_blocks", "kv_cache_cached_blocks", "prefix_caching", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_hit_rate", "preemptions", "constrained_requests", "constraint_mask_steps", "constraint_mask_seconds")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -397,6 +429,9 @@ class ServerStats(_message.Message):
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_MASK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_MASK_SECONDS_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     queued_requests: int
     generated_tokens: int
@@ -413,7 +448,10 @@ class ServerStats(_message.Message):
     prefix_cache_hit_tokens: int
     prefix_cache_hit_rate: float
     preemptions: int
-    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., completed_requests: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_used_tokens: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_block_size: _Optional[int] = ..., kv_cache_used_blocks: _Optional[int] = ..., kv_cache_cached_blocks: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    constrained_requests: int
+    constraint_mask_steps: int
+    constraint_mask_seconds: float
+    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., completed_requests: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_used_tokens: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_cache_block_size: _Optional[int] = ..., kv_cache_used_blocks: _Optional[int] = ..., kv_cache_cached_blocks: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ..., constrained_requests: _Optional[int] = ..., constraint_mask_steps: _Optional[int] = ..., constraint_mask_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_source", "architecture", "dtype", "device", "quantization", "max_sequence_length", "vocab_size", "adapters", "server_version", "limits", "stats", "prompt_format", "embedding_model")

@@ -27,6 +27,7 @@ from loraserve.errors import Cancelled, ConfigError, InvalidRequest, QueueFull, 
 from loraserve.prompting import Message, load_prompt_format
 from loraserve.server.engine.adapter_registry import AdapterRegistry, LoadOutcome
 from loraserve.server.engine.block_manager import BASE_MODEL_IDENTITY, BlockManager, BlockTable
+from loraserve.server.engine.constraints import ConstraintCompiler
 from loraserve.server.engine.outputs import StopReason, TokenDetail
 from loraserve.server.engine.params import GenerationRequest
 from loraserve.server.engine.preparation import prepare
@@ -79,6 +80,9 @@ class Engine:
         self._cond = threading.Condition()
         self.adapters = AdapterRegistry(list(loaded.lora_adapters), config.max_adapters, self._cond)
         self.tokenization = Tokenization(loaded.tokenizer, loaded.prompt_format)
+        self.constraints = ConstraintCompiler(
+            loaded.tokenizer, loaded.description.vocab_size, loaded.eos_token_ids, config.constraint_cache_size
+        )
         self._on_failure = on_failure
         self.max_sequence_length = loaded.description.max_sequence_length
         self._runner_class = runner_class(loaded.model)
@@ -107,6 +111,9 @@ class Engine:
         self._generated_tokens = 0
         self._completed = 0
         self._preemptions = 0
+        self._constrained_requests = 0
+        self._mask_steps = 0
+        self._mask_seconds = 0.0
         self._state = EngineState.CREATED
         self._started_at = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -225,6 +232,8 @@ class Engine:
             request = replace(request, request_id=uuid.uuid4().hex)
         adapter = self.adapters.resolve(request.adapter_id)
         prepared = prepare(request, self.config, self.tokenization, self.max_sequence_length)
+        # Compiled here, on the caller's thread, so that a slow constraint never stalls the batch.
+        constraint = self.constraints.compile(request.constraint) if request.constraint is not None else None
         stream = RequestStream(request.request_id, self.cancel, lambda: self.alive)
         sequence = GenerationSequence(
             request,
@@ -232,6 +241,7 @@ class Engine:
             prepared.max_new_tokens,
             stream,
             self._context,
+            constraint=constraint,
         )
         if sequence.reservation > self.kv.capacity_tokens:
             raise InvalidRequest(
@@ -252,6 +262,7 @@ class Engine:
             sequence.table = BlockTable(self._identity(adapter))
             self._waiting.append(sequence)
             self._by_id[request.request_id] = sequence
+            self._constrained_requests += constraint is not None
             self._cond.notify_all()
         return stream
 
@@ -282,6 +293,9 @@ class Engine:
                 prefix_cache_queried_tokens=usage.queried_tokens,
                 prefix_cache_hit_tokens=usage.hit_tokens,
                 preemptions=self._preemptions,
+                constrained_requests=self._constrained_requests,
+                constraint_mask_steps=self._mask_steps,
+                constraint_mask_seconds=self._mask_seconds,
             )
 
     def load_adapter(self, spec: AdapterSpec, cache: Path, version: str | None, timeout: float | None) -> LoadOutcome:
@@ -449,6 +463,9 @@ class Engine:
             sequence.append(sampled.token_ids[i], sampled.logprobs[i], sampled.top_tokens[i])
         with self._cond:
             self._generated_tokens += len(sequences)
+            if sampled.mask_seconds:
+                self._mask_steps += 1
+                self._mask_seconds += sampled.mask_seconds
         self._evict_finished()
 
     def _evict_finished(self) -> None:

@@ -16,6 +16,7 @@ class StopReason(enum.Enum):
     TIME_LIMIT = "time_limit"
     CANCELLED = "cancelled"
     TOKEN_LIMIT = "token_limit"
+    CONSTRAINT_COMPLETE = "constraint_complete"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ Errors name the request field in the contract's terms ("sampling.top_p"), so the
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -92,6 +95,51 @@ class OutputOptions:
         return self.token_ids or self.logprobs or self.top_n > 0
 
 
+class ConstraintKind(enum.Enum):
+    """What an OutputConstraint restricts the text to; the values are the contract's oneof field names."""
+
+    JSON_SCHEMA = "json_schema"
+    JSON_OBJECT = "json_object"
+    REGEX = "regex"
+    CHOICE = "choice"
+    GRAMMAR = "grammar"
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """The language the generated text must belong to: `text` holds the schema, regex or grammar; `choices` the
+    allowed strings of a choice. Whether it compiles is the compiler's to say (loraserve.server.engine.constraints)."""
+
+    kind: ConstraintKind
+    text: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind is ConstraintKind.CHOICE:
+            if not self.choices:
+                raise InvalidRequest("must list at least one allowed string", "constraint.choice.values")
+            for i, choice in enumerate(self.choices):
+                if not choice:
+                    raise InvalidRequest("must not be empty", f"constraint.choice.values[{i}]")
+        elif self.kind is not ConstraintKind.JSON_OBJECT and not self.text.strip():
+            raise InvalidRequest("must not be empty (leave the constraint unset for free text)", self.field)
+
+    @property
+    def field(self) -> str:
+        """The request field that holds it, for error messages."""
+        return f"constraint.{self.kind.value}"
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.text.encode()) + sum(len(c.encode()) for c in self.choices)
+
+    @property
+    def key(self) -> bytes:
+        """Identifies the constraint by content: equal constraints compile once."""
+        body = json.dumps([self.kind.value, self.text, self.choices], ensure_ascii=False)
+        return hashlib.sha256(body.encode()).digest()
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One completion to generate: exactly one of a raw prompt and chat messages."""
@@ -103,6 +151,7 @@ class GenerationRequest:
     stopping: StoppingParams = field(default_factory=StoppingParams)
     output: OutputOptions = field(default_factory=OutputOptions)
     truncate_input_tokens: int = 0
+    constraint: OutputConstraint | None = None
     request_id: str = ""
     # time.monotonic() after which the caller no longer waits (its gRPC deadline); None for no deadline.
     deadline: float | None = None

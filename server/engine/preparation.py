@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from loraserve.config import EngineConfig
 from loraserve.errors import InvalidRequest
-from loraserve.server.engine.params import GenerationRequest
+from loraserve.server.engine.params import GenerationRequest, OutputConstraint
 from loraserve.server.engine.tokenization import Tokenization
 
 
@@ -43,7 +43,23 @@ def check_limits(request: GenerationRequest, config: EngineConfig) -> int:
             )
     if request.output.top_n > config.max_top_n:
         raise InvalidRequest(f"must be <= {config.max_top_n}, got {request.output.top_n}", "response.top_n")
+    if request.constraint is not None:
+        check_constraint_limits(request.constraint, config)
     return max_new_tokens
+
+
+def check_constraint_limits(constraint: OutputConstraint, config: EngineConfig) -> None:
+    if constraint.size_bytes > config.max_constraint_bytes:
+        raise InvalidRequest(
+            f"is {constraint.size_bytes} bytes; at most {config.max_constraint_bytes} are allowed (the server's "
+            "--max-constraint-bytes)",
+            constraint.field,
+        )
+    if len(constraint.choices) > config.max_constraint_choices:
+        raise InvalidRequest(
+            f"lists {len(constraint.choices)} strings; at most {config.max_constraint_choices} are allowed",
+            "constraint.choice.values",
+        )
 
 
 def prompt_ids(request: GenerationRequest, tokenization: Tokenization, max_sequence_length: int) -> list[int]:

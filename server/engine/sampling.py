@@ -1,15 +1,18 @@
-"""Picking the next token for every row of a batch, each row with its own settings: repetition penalty, suppressed
-tokens (EOS before min_new_tokens), greedy or temperature / top-k / top-p sampling with the row's own seeded
-generator, and the log-probabilities a request asked for."""
+"""Picking the next token for every row of a batch, each row with its own settings: repetition penalty, the token
+mask of its output constraint, suppressed tokens (EOS before min_new_tokens), greedy or temperature / top-k / top-p
+sampling with the row's own seeded generator, and the log-probabilities a request asked for. Constrained and free rows
+share the batch: masks apply to their own rows only."""
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from loraserve.server.engine.constraints import RowConstraint, apply_masks
 from loraserve.server.engine.params import SamplingParams
 
 
@@ -40,15 +43,18 @@ class RowStep:
     suppressed_ids: Sequence[int] = ()  # e.g. EOS while fewer than min_new_tokens were generated
     logprobs: bool = False
     top_n: int = 0
+    constraint: RowConstraint | None = None  # the row's output constraint, whose mask applies before sampling
 
 
 @dataclass(frozen=True)
 class SampledTokens:
-    """The chosen token of each row, with its log-probability and top alternatives when asked for."""
+    """The chosen token of each row, with its log-probability and top alternatives when asked for, and the seconds
+    spent on constraint masks (0 when no row was constrained)."""
 
     token_ids: list[int]
     logprobs: list[float | None]
     top_tokens: list[list[tuple[int, float]]]
+    mask_seconds: float = 0.0
 
 
 def apply_repetition_penalty(scores: torch.Tensor, rows: Sequence[RowStep]) -> None:
@@ -64,9 +70,31 @@ def apply_repetition_penalty(scores: torch.Tensor, rows: Sequence[RowStep]) -> N
 
 
 def suppress_tokens(scores: torch.Tensor, rows: Sequence[RowStep]) -> None:
+    """Forbid each row's suppressed tokens, unless they are all its constraint allows (a constraint that can only
+    end now ends the text, min_new_tokens or not)."""
+    constrained: list[tuple[int, list[int], torch.Tensor]] = []
     for i, row in enumerate(rows):
-        if row.suppressed_ids:
-            scores[i, list(row.suppressed_ids)] = float("-inf")
+        if not row.suppressed_ids:
+            continue
+        ids = list(row.suppressed_ids)
+        if row.constraint is not None:
+            constrained.append((i, ids, scores[i, ids].clone()))
+        scores[i, ids] = float("-inf")
+    if constrained:
+        nothing_left = torch.isneginf(scores[[i for i, _, _ in constrained]]).all(dim=-1).tolist()
+        for (i, ids, kept), restore in zip(constrained, nothing_left, strict=True):
+            if restore:
+                scores[i, ids] = kept
+
+
+def mask_constrained(scores: torch.Tensor, rows: Sequence[RowStep]) -> float:
+    """Apply the token masks of the constrained rows, in place; the seconds it took."""
+    constrained = [(i, row.constraint) for i, row in enumerate(rows) if row.constraint is not None]
+    if not constrained:
+        return 0.0
+    started = time.perf_counter()
+    apply_masks(scores, constrained)
+    return time.perf_counter() - started
 
 
 def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -107,6 +135,7 @@ def sample_next(logits: torch.Tensor, rows: Sequence[RowStep]) -> SampledTokens:
     model_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
     scores = logits.clone()
     apply_repetition_penalty(scores, rows)
+    mask_seconds = mask_constrained(scores, rows)
     suppress_tokens(scores, rows)
     token_ids = scores.argmax(dim=-1).tolist()
     sampled = [i for i, row in enumerate(rows) if not row.sampler.params.greedy]
@@ -122,4 +151,4 @@ def sample_next(logits: torch.Tensor, rows: Sequence[RowStep]) -> SampledTokens:
             if row.top_n:
                 values, ids = model_logprobs[i].topk(row.top_n)
                 top_tokens[i] = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return SampledTokens(token_ids=token_ids, logprobs=logprobs, top_tokens=top_tokens)
+    return SampledTokens(token_ids=token_ids, logprobs=logprobs, top_tokens=top_tokens, mask_seconds=mask_seconds)

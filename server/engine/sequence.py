@@ -11,7 +11,9 @@ import torch
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from loraserve.errors import InvalidRequest
 from loraserve.server.engine.block_manager import BASE_MODEL_IDENTITY, BlockTable
+from loraserve.server.engine.constraints import RowConstraint
 from loraserve.server.engine.detokenizer import IncrementalDetokenizer
 from loraserve.server.engine.outputs import GenerationChunk, StopReason, TokenDetail, TopToken
 from loraserve.server.engine.params import GenerationRequest
@@ -45,6 +47,7 @@ class Sequence:
         stream: RequestStream,
         context: SequenceContext,
         adapter_index: int = -1,
+        constraint: RowConstraint | None = None,
     ) -> None:
         self.request = request
         self.request_id = request.request_id
@@ -59,6 +62,7 @@ class Sequence:
         self.stream = stream
         self.context = context
         self.generated: list[int] = []
+        self.constraint = constraint
         self.sampler = RowSampler.create(request.sampling, context.device)
         self.arrival = time.monotonic()
         limit_ms = request.stopping.time_limit_ms
@@ -117,6 +121,7 @@ class Sequence:
             suppressed_ids=tuple(self.context.eos_token_ids) if below_min else (),
             logprobs=output.logprobs,
             top_n=output.top_n,
+            constraint=self.constraint,
         )
 
     def expiry(self, now: float) -> StopReason | None:
@@ -139,14 +144,27 @@ class Sequence:
         self.generated.append(token_id)
         details = self._token_details(token_id, logprob, top)
         stoppable = len(self.generated) >= self.request.stopping.min_new_tokens
-        if token_id in self.context.eos_token_ids and stoppable:
-            self.finish(StopReason.EOS_TOKEN, details)
+        constraint_complete = False
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
+            if self.constraint.error is not None:
+                self.fail(InvalidRequest(f"cannot be followed further: {self.constraint.error}", "constraint"))
+                return
+            constraint_complete = self.constraint.complete
+        is_eos = token_id in self.context.eos_token_ids
+        if is_eos and constraint_complete:
+            self.finish(StopReason.CONSTRAINT_COMPLETE, details, eos=True)
+            return
+        if is_eos and stoppable:
+            self.finish(StopReason.EOS_TOKEN, details, eos=True)
             return
         new_from = len(self._text)
         self._text += self._detokenizer.push(token_id)
         match = self._stops.find(self._text, new_from) if stoppable else None
         if match is not None:
             self.finish(StopReason.STOP_SEQUENCE, details, match)
+        elif constraint_complete:
+            self.finish(StopReason.CONSTRAINT_COMPLETE, details)
         elif len(self.generated) >= self.max_new_tokens:
             self.finish(StopReason.MAX_TOKENS, details)
         elif len(self.prompt_ids) + len(self.generated) >= self.context.max_sequence_length:
@@ -157,9 +175,16 @@ class Sequence:
             self._emit(self._text[self._emitted : safe_end], details)
             self._emitted = safe_end
 
-    def finish(self, reason: StopReason, details: tuple[TokenDetail, ...] = (), match: StopMatch | None = None) -> None:
-        """End the request: send the rest of its text and the stop reason."""
-        if match is None and reason is not StopReason.EOS_TOKEN:
+    def finish(
+        self,
+        reason: StopReason,
+        details: tuple[TokenDetail, ...] = (),
+        match: StopMatch | None = None,
+        eos: bool = False,
+    ) -> None:
+        """End the request: send the rest of its text and the stop reason. `eos`: the last token was an
+        end-of-sequence token, whose text is not part of the output."""
+        if match is None and not eos:
             self._text += self._detokenizer.flush()
         end = match.end if match is not None else len(self._text)
         self.finished = True

@@ -24,6 +24,9 @@ class EngineStats:
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
     preemptions: int = 0
+    constrained_requests: int = 0
+    constraint_mask_steps: int = 0
+    constraint_mask_seconds: float = 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

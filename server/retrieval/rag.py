@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message
 from loraserve.server.engine.outputs import GenerationResult
-from loraserve.server.engine.params import GenerationRequest, SamplingParams, StoppingParams
+from loraserve.server.engine.params import GenerationRequest, OutputConstraint, SamplingParams, StoppingParams
 from loraserve.server.engine.request_stream import RequestStream
 from loraserve.server.retrieval.documents import Document
 from loraserve.server.retrieval.retriever import Retriever
@@ -48,6 +48,7 @@ class RagQuery:
     adapter_id: str = ""
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=StoppingParams)
+    constraint: OutputConstraint | None = None
     request_id: str = ""
     deadline: float | None = None
 
@@ -89,21 +90,27 @@ def answer(
     submit: Callable[[GenerationRequest], RequestStream],
     on_stream: Callable[[RequestStream], None] = lambda stream: None,
 ) -> RagAnswer:
-    """Retrieve, then generate the answer through `submit` (the engine's); on_stream sees the stream to cancel it."""
+    """Retrieve, then generate the answer through `submit` (the engine's); on_stream sees the stream to cancel it.
+    Under an output constraint the answer is generated even when no passage is relevant (the canned reply would not
+    satisfy it), and its text is returned as generated: no citation markers are added to it."""
     hits = retriever.search(query.query, query.documents, query.collection, query.top_k, query.min_similarity)
-    if not hits:
+    if not hits and query.constraint is None:
         return RagAnswer(request_id=query.request_id, text=NO_RELEVANT_DOCUMENTS, sources=(), result=None)
     request = GenerationRequest(
         messages=answer_messages(query.query, hits),
         adapter_id=query.adapter_id,
         sampling=query.sampling,
         stopping=query.stopping,
+        constraint=query.constraint,
         request_id=query.request_id,
         deadline=query.deadline,
     )
     stream = submit(request)
     on_stream(stream)
     result = stream.result()
+    if query.constraint is not None:
+        sources = tuple(Source(hit, rank, False) for rank, hit in enumerate(hits, start=1))
+        return RagAnswer(request_id=query.request_id, text=result.text, sources=sources, result=result)
     cited = retriever.cite(result.text, hits)
     sources = tuple(Source(hit, rank, rank in cited.cited) for rank, hit in enumerate(hits, start=1))
     return RagAnswer(request_id=query.request_id, text=cited.text, sources=sources, result=result)
