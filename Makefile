@@ -1,7 +1,8 @@
 # loraserve developer commands. `make serve` and `make test` set everything up first, and only redo the setup when
 # pyproject.toml, constraints.txt or the npm lock file change.
 #
-#   make serve     set up .venv and run the server on the default model (SmolLM2-135M-Instruct) on port 50051
+#   make serve     set up .venv and run the server on the default model (SmolLM2-135M-Instruct): gRPC on port 50051,
+#                  the OpenAI-compatible HTTP API on port 8000
 #   make test      set up .venv and node_modules, lint, and run the whole test suite (what CI runs)
 #   make train-demo   validate the example data, fine-tune the default model on it (CPU, ~2 minutes), serve the adapter
 #   make protos    regenerate loraserve/v1 after editing protos/
@@ -39,7 +40,7 @@ $(NODE_STAMP): package.json package-lock.json
 setup: $(PY_STAMP)
 
 serve: $(PY_STAMP)
-	$(BIN)/loraserve serve
+	$(BIN)/loraserve serve --http-port 8000
 
 train-demo: $(PY_STAMP)
 	$(BIN)/loraserve data validate examples/pirate-assistant.json --rejected runs/pirate-rejected.jsonl

@@ -1,8 +1,10 @@
-"""A typed gRPC client for loraserve (sync and asyncio); needs no torch."""
+"""A typed gRPC client for every loraserve service (sync and asyncio); needs no torch."""
 
 from loraserve.client.client import DEFAULT_TARGET, AsyncClient, Client
 from loraserve.client.types import (
     AdapterInfo,
+    AdapterList,
+    AdapterLoad,
     CollectionInfo,
     DeleteResult,
     Generation,
@@ -20,6 +22,8 @@ from loraserve.client.types import (
 __all__ = [
     "DEFAULT_TARGET",
     "AdapterInfo",
+    "AdapterList",
+    "AdapterLoad",
     "AsyncClient",
     "Client",
     "CollectionInfo",

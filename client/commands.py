@@ -1,5 +1,5 @@
-"""The client-side CLI commands: generate, chat, rag, collections, info, tokenize, health. They need grpc only,
-never torch."""
+"""The client-side CLI commands: generate, chat, rag, collections, adapters, info, tokenize, health. They need grpc
+only, never torch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loraserve.client.client import Client, tls_credentials
-from loraserve.client.types import GenerationOptions, LoraserveRpcError, StreamChunk
+from loraserve.client.types import AdapterInfo, GenerationOptions, LoraserveRpcError, StreamChunk
 from loraserve.config import ClientConfig, from_namespace
 from loraserve.errors import ConfigError
 
@@ -253,6 +253,42 @@ def collections_drop(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.delete_collection(args.collection)
     print(f"deleted collection {args.collection}")
+    return 0
+
+
+def _print_adapter(adapter: AdapterInfo) -> None:
+    version = f", version {adapter.version}" if adapter.version else ""
+    print(
+        f"{adapter.id}: rank {adapter.rank}, alpha {adapter.alpha:g}, {' '.join(adapter.target_modules)}; "
+        f"{adapter.active_requests} active requests; from {adapter.source}{version}"
+    )
+
+
+def adapters_load(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.load_adapter(args.adapter_id, args.source, version=args.version)
+    _print_adapter(result.adapter)
+    for evicted in result.evicted:
+        print(f"unloaded {evicted} to make room", file=sys.stderr)
+    return 0
+
+
+def adapters_unload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.unload_adapter(args.adapter_id)
+    print(f"unloaded {args.adapter_id}")
+    return 0
+
+
+def adapters_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        listing = client.list_adapters()
+    if args.json:
+        _print_json(dataclasses.asdict(listing))
+        return 0
+    for adapter in listing.adapters:
+        _print_adapter(adapter)
+    print(f"{len(listing.adapters)} of at most {listing.max_adapters} adapters resident")
     return 0
 
 

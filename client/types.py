@@ -338,12 +338,53 @@ class Tokenization:
 
 @dataclass(frozen=True)
 class AdapterInfo:
+    """A resident adapter, with every field the server reports."""
+
     id: str
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
     source: str
     prompt_format: str = ""
+    active_requests: int = 0
+    version: str = ""
+
+    @classmethod
+    def from_proto(cls, a: pb.AdapterInfo) -> AdapterInfo:
+        return cls(
+            id=a.id,
+            rank=a.rank,
+            alpha=a.alpha,
+            target_modules=tuple(a.target_modules),
+            source=a.source,
+            prompt_format=a.prompt_format,
+            active_requests=a.active_requests,
+            version=a.version,
+        )
+
+
+@dataclass(frozen=True)
+class AdapterLoad:
+    """What LoadAdapter did: the adapter now resident, and the idle adapters it unloaded to make room."""
+
+    adapter: AdapterInfo
+    evicted: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, r: pb.LoadAdapterResponse) -> AdapterLoad:
+        return cls(adapter=AdapterInfo.from_proto(r.adapter), evicted=tuple(r.evicted))
+
+
+@dataclass(frozen=True)
+class AdapterList:
+    """The resident adapters and how many may be resident at once."""
+
+    adapters: tuple[AdapterInfo, ...]
+    max_adapters: int
+
+    @classmethod
+    def from_proto(cls, r: pb.ListAdaptersResponse) -> AdapterList:
+        return cls(adapters=tuple(AdapterInfo.from_proto(a) for a in r.adapters), max_adapters=r.max_adapters)
 
 
 @dataclass(frozen=True)
@@ -375,7 +416,7 @@ class ModelInfo:
             quantization=r.quantization,
             max_sequence_length=r.max_sequence_length,
             vocab_size=r.vocab_size,
-            adapters=tuple(AdapterInfo(a.id, a.rank, a.alpha, tuple(a.target_modules), a.source) for a in r.adapters),
+            adapters=tuple(AdapterInfo.from_proto(a) for a in r.adapters),
             server_version=r.server_version,
             prompt_format=r.prompt_format,
             limits={f.name: getattr(r.limits, f.name) for f in r.limits.DESCRIPTOR.fields},

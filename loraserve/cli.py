@@ -38,11 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(model_config, engine_config, server_config, rag_config)
 
 
-def add_collection_commands(commands: argparse._SubParsersAction) -> None:
-    collections = commands.add_parser(
-        "collections", help="manage the server's stored document collections", description="Manage collections."
-    )
-    actions = collections.add_subparsers(dest="collections_command", required=True, metavar="ACTION")
+Action = Callable[[str, str, Callable[[argparse.Namespace], int]], argparse.ArgumentParser]
+
+
+def client_action_group(commands: argparse._SubParsersAction, name: str, help_text: str) -> Action:
+    """A command with client actions (`loraserve NAME ACTION ...`); returns the function that adds an action."""
+    group = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+    actions = group.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
 
     def action(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
@@ -50,6 +52,23 @@ def add_collection_commands(commands: argparse._SubParsersAction) -> None:
         sub.set_defaults(handler=handler)
         return sub
 
+    return action
+
+
+def add_adapter_commands(commands: argparse._SubParsersAction) -> None:
+    action = client_action_group(commands, "adapters", "load, unload and list the running server's adapters")
+    load = action("load", "load an adapter into the running server", client_commands.adapters_load)
+    load.add_argument("adapter_id", help="the id requests will use")
+    load.add_argument("source", help="a folder under the server's --adapter-root, or s3://bucket/prefix")
+    load.add_argument("--version", help="the S3 version to load (default: the latest)")
+    unload = action("unload", "unload an adapter once its running requests finish", client_commands.adapters_unload)
+    unload.add_argument("adapter_id", help="the adapter")
+    listing = action("list", "list the resident adapters", client_commands.adapters_list)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_collection_commands(commands: argparse._SubParsersAction) -> None:
+    action = client_action_group(commands, "collections", "manage the server's stored document collections")
     listing = action("list", "list the collections and their sizes", client_commands.collections_list)
     listing.add_argument("--json", action="store_true", help="print JSON")
     upsert = action("upsert", "add or replace documents from files", client_commands.collections_upsert)
@@ -107,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_commands.add_generation_flags(rag)
 
     add_collection_commands(commands)
+    add_adapter_commands(commands)
 
     info = client_parser("info", "describe the served model, adapters, limits and live stats")
     info.add_argument("--json", action="store_true", help="print JSON")

@@ -384,6 +384,12 @@ class ServerConfig:
 
     host: str = option("0.0.0.0", "Address to bind; 0.0.0.0 listens on every interface.", metavar="ADDR")
     port: int = option(50051, "gRPC port; 0 picks a free one (printed in the log).", metavar="PORT")
+    http_port: int = option(
+        0,
+        "Port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /ready) "
+        "on --host, served on the same engine as gRPC; 0 = off.",
+        metavar="PORT",
+    )
     grpc_workers: int = option(
         0,
         "Threads serving RPCs; 0 sizes the pool to max batch + max queued + 16, so every admitted request has a "

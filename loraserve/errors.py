@@ -31,6 +31,10 @@ class NotFound(LoraserveError):
     """The request names something that does not exist (a collection)."""
 
 
+class ModelNotFound(NotFound):
+    """An OpenAI-API request names a model that is neither the served model nor a loaded adapter."""
+
+
 class FailedPrecondition(LoraserveError):
     """The request is valid, but the state it needs is not there (a collection embedded with another model)."""
 

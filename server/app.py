@@ -1,5 +1,5 @@
-"""Building, starting and stopping the gRPC server: InferenceService, grpc.health.v1 health, server reflection, and
-the signal handling of `loraserve serve`.
+"""Building, starting and stopping the gRPC server: InferenceService, grpc.health.v1 health, server reflection, the
+OpenAI-compatible HTTP API beside it (--http-port), and the signal handling of `loraserve serve`.
 
 Health tells the truth: NOT_SERVING while the model loads, SERVING once it is loaded and warmed up, NOT_SERVING again
 while draining or when the engine dies. Both the overall service ("") and loraserve.v1.InferenceService report it.
@@ -23,6 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from loraserve.config import EngineConfig, ModelConfig, RagConfig, ServerConfig
 from loraserve.errors import ConfigError
 from loraserve.server.engine.telemetry import Telemetry
+from loraserve.server.http_api.app import HttpApi
+from loraserve.server.http_api.server import HttpServer
 from loraserve.server.interceptors import AccessInterceptor
 from loraserve.server.retrieval.retriever import Retriever
 from loraserve.server.servicer import AdapterServicer, CollectionServicer, InferenceServicer
@@ -89,7 +91,10 @@ class LoraServer:
         self.engine: Engine | None = None
         self.telemetry: Telemetry | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
         self._server: grpc.Server | None = None
+        self._http: HttpServer | None = None
+        self._serving = False
 
     def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until load()); return the bound port."""
@@ -101,6 +106,7 @@ class LoraServer:
         self.telemetry = Telemetry(config.metrics_port, config.host)
         for servicer in (self.servicer, self.adapter_servicer, self.collection_servicer):
             servicer.telemetry = self.telemetry
+        access = AccessInterceptor(config)  # one for both protocols: a client's rate limit counts both
         from opentelemetry.instrumentation.grpc import server_interceptor
 
         server = grpc.server(
@@ -108,7 +114,7 @@ class LoraServer:
             # Tracing first, so that refused calls are traced too.
             interceptors=[
                 server_interceptor(tracer_provider=self.telemetry.tracer_provider),
-                AccessInterceptor(config),
+                access,
             ],
             maximum_concurrent_rpcs=workers,
             options=[
@@ -136,6 +142,10 @@ class LoraServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         server.start()
         self._server = server
+        if config.http_port:
+            api = HttpApi(lambda: self.servicer.engine, lambda: self._serving, access, self.telemetry)
+            self._http = HttpServer(api.build(), config)
+            self.http_port = self._http.start()
         logger.info(
             "listening",
             extra={
@@ -207,12 +217,15 @@ class LoraServer:
             self.engine.stop()
         if self._server is not None:
             self._server.stop(grace=1.0).wait()
+        if self._http is not None:
+            self._http.stop()
         self.retriever.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()
         logger.info("stopped")
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
         for service in HEALTH_SERVICES:
             self.health.set(service, status)
 

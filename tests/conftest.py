@@ -181,6 +181,18 @@ def tiny_server(tiny_model_config: ModelConfig) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
+def tiny_http_server(tiny_model_config: ModelConfig, free_port: Callable[[], int]) -> Iterator[RunningServer]:
+    """Like tiny_server, with the OpenAI-compatible HTTP API on a free port as well."""
+    running = RunningServer(
+        tiny_model_config,
+        EngineConfig(max_batch_size=8, max_new_tokens=64, default_max_new_tokens=32, kv_cache_memory="64MB"),
+        server_options={"http_port": free_port()},
+    )
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="session")
 def default_server(model_cache_dir: Path) -> Iterator[RunningServer]:
     """A server on the real default model (SmolLM2-135M-Instruct), converted once into the model cache."""
     config = ModelConfig(model="default", model_cache=str(model_cache_dir), device="cpu")

@@ -140,3 +140,27 @@ def test_structured_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: 
     engine = summary["engine"]
     assert engine["json_vs_free"] > 0 and engine["mask_steps"] > 0 and engine["mask_ms_per_step"] > 0
     assert {r["generated_tokens"] for runs in engine["runs"].values() for r in runs} == {32 * 4}
+
+
+def test_http_vs_grpc_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run(
+        "bench/http_vs_grpc.py",
+        "--model",
+        str(tiny_model_dir),
+        "--streams",
+        "3",
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "4",
+        "--prompt-tokens",
+        "16",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "http-vs-grpc-cpu.json").read_text())
+    assert summary["http_vs_grpc"] > 0 and summary["http_ttft_p50_s"] > 0
+    for name in ("grpc", "http"):
+        (run_result,) = summary["runs"][name]
+        assert run_result["generated_tokens"] == 3 * 4 and run_result["requests"] == 3

@@ -18,13 +18,24 @@ GRPC_SIDE = tuple(
     f"loraserve.server.{p.stem}" for p in (ROOT / "server").glob("*.py") if p.stem != "__init__"
 )  # app, servicer, convert, status, interceptors, adapter_sources
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "loraserve.v1")
+HTTP_SIDE = ("loraserve.server.http_api", "fastapi", "starlette", "uvicorn")
 
 # room -> module prefixes its modules must never import
 FORBIDDEN = {
-    "server/models": (*GRPC, *GRPC_SIDE, "loraserve.server.engine", "loraserve.server.retrieval"),
-    "server/engine": (*GRPC, *GRPC_SIDE, "loraserve.server.retrieval"),
-    "server/retrieval": (*GRPC, *GRPC_SIDE),
-    "trainer": (*GRPC, *GRPC_SIDE, "loraserve.server.engine", "loraserve.server.retrieval", "loraserve.client"),
+    "server/models": (*GRPC, *GRPC_SIDE, *HTTP_SIDE, "loraserve.server.engine", "loraserve.server.retrieval"),
+    "server/engine": (*GRPC, *GRPC_SIDE, *HTTP_SIDE, "loraserve.server.retrieval"),
+    "server/retrieval": (*GRPC, *GRPC_SIDE, *HTTP_SIDE),
+    # the HTTP API is a protocol beside gRPC: it talks to the engine and shares the status table and access checks,
+    # but never reaches into the model runners or the gRPC servicers
+    "server/http_api": ("loraserve.server.models", "loraserve.server.servicer", "loraserve.server.convert", "torch"),
+    "trainer": (
+        *GRPC,
+        *GRPC_SIDE,
+        *HTTP_SIDE,
+        "loraserve.server.engine",
+        "loraserve.server.retrieval",
+        "loraserve.client",
+    ),
 }
 
 
@@ -108,6 +119,7 @@ def test_the_servicer_does_not_load_torch() -> None:
         """
         import sys
         import loraserve.server.servicer, loraserve.server.convert, loraserve.server.status
+        import loraserve.server.http_api.app, loraserve.server.http_api.server
         print("torch" in sys.modules)
         """
     )

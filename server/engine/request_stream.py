@@ -1,9 +1,11 @@
-"""The channel between the engine thread and the RPC thread serving one request: the engine puts chunks (or an
-error), the RPC thread iterates them."""
+"""The channel between the engine thread and the thread serving one request: the engine puts chunks (or an error),
+the RPC thread iterates them; an asyncio server has them handed to a callback instead (`listen`), so that no thread
+waits per request."""
 
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable, Iterator
 
 from loraserve.errors import Unavailable
@@ -22,9 +24,26 @@ class RequestStream:
         self._cancel = cancel
         self._engine_alive = engine_alive
         self._queue: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
+        self._listener: Callable[[GenerationChunk | BaseException], None] | None = None
+        self._lock = threading.Lock()
 
     def put(self, item: GenerationChunk | BaseException) -> None:
-        self._queue.put(item)
+        with self._lock:
+            if self._listener is not None:
+                self._listener(item)
+            else:
+                self._queue.put(item)
+
+    def listen(self, listener: Callable[[GenerationChunk | BaseException], None]) -> None:
+        """Hand every item to `listener` from now on, those already put first. It runs on the engine's thread: it
+        must be quick and must not raise."""
+        with self._lock:
+            while True:
+                try:
+                    listener(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._listener = listener
 
     def cancel(self) -> None:
         self._cancel(self.request_id)

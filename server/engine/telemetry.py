@@ -111,8 +111,10 @@ class Telemetry:
         """Report `read()` as gauge `name` (queue_depth, active_requests, kv_cache.used_ratio) at each collection."""
         self._gauges[f"loraserve.{name}"] = read
 
-    def rpc_finished(self, rpc: str, code: str, seconds: float) -> None:
-        attributes = {"rpc": rpc, "code": code}
+    def rpc_finished(self, rpc: str, code: str, seconds: float, protocol: str = "grpc") -> None:
+        """One call ended: `rpc` is the method (or HTTP route), `code` its gRPC status name (the HTTP API reports
+        the status its error maps to), `protocol` grpc or http."""
+        attributes = {"rpc": rpc, "code": code, "protocol": protocol}
         self.rpc_requests.add(1, attributes)
         self.rpc_duration.record(seconds, attributes)
 

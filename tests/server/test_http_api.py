@@ -1,0 +1,281 @@
+"""The OpenAI-compatible HTTP API on the tiny model: the real `openai` SDK (chat, completions, streaming, adapters by
+`model`, structured output, logprobs, errors as the SDK's exceptions), raw HTTP for SSE framing and error bodies,
+bearer tokens, a client that goes away mid-stream, draining, and gRPC and HTTP requests sharing one batch."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+
+@pytest.fixture(scope="module")
+def served(tiny_http_server) -> str:
+    """The served model's id, as /v1/models names it."""
+    return tiny_http_server.server.engine.loaded.description.name
+
+
+@pytest.fixture(scope="module")
+def sdk(tiny_http_server) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{tiny_http_server.server.http_port}/v1", api_key="unused", max_retries=0
+    )
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_http_server) -> str:
+    return f"http://127.0.0.1:{tiny_http_server.server.http_port}"
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models_lists_the_served_model_and_every_adapter(sdk, served) -> None:
+    models = {m.id: m for m in sdk.models.list().data}
+    assert set(models) == {served, "alpha", "beta"}
+    assert models["alpha"].model_extra["parent"] == served
+
+
+def test_a_chat_completion_equals_the_same_request_over_grpc(sdk, tiny_http_server, served) -> None:
+    expected = tiny_http_server.client.generate(messages=ask("Hello"), max_new_tokens=8, min_new_tokens=8)
+    response = sdk.chat.completions.create(
+        model=served, messages=ask("Hello"), max_tokens=8, temperature=0, extra_body={"min_tokens": 8}
+    )
+    choice = response.choices[0]
+    assert choice.message.content == expected.text and choice.message.role == "assistant"
+    assert choice.finish_reason == "length"
+    assert response.usage.prompt_tokens == expected.input_token_count and response.usage.completion_tokens == 8
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 8
+    assert response.id.startswith("chatcmpl-") and response.model == served
+
+
+def test_an_adapter_is_picked_by_model(sdk, tiny_http_server) -> None:
+    expected = tiny_http_server.client.generate("Once upon", adapter_id="beta", max_new_tokens=6, min_new_tokens=6)
+    base = tiny_http_server.client.generate("Once upon", max_new_tokens=6, min_new_tokens=6)
+    response = sdk.completions.create(
+        model="beta", prompt="Once upon", max_tokens=6, temperature=0, extra_body={"min_tokens": 6}
+    )
+    assert response.choices[0].text == expected.text != base.text
+
+
+def test_streamed_chat_adds_up_to_the_whole_answer_and_reports_usage(sdk, served) -> None:
+    whole = sdk.chat.completions.create(model=served, messages=ask("Tell me"), max_tokens=12, temperature=0)
+    stream = sdk.chat.completions.create(
+        model=served,
+        messages=ask("Tell me"),
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_with_n_seeds_several_prompts_and_logprobs(sdk, served, tokenizer) -> None:
+    response = sdk.completions.create(
+        model=served, prompt=["The sky", "A cat"], n=2, max_tokens=5, seed=11, logprobs=2, extra_body={"min_tokens": 5}
+    )
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    again = sdk.completions.create(
+        model=served, prompt=["The sky", "A cat"], n=2, max_tokens=5, seed=11, logprobs=2, extra_body={"min_tokens": 5}
+    )
+    assert [c.text for c in response.choices] == [c.text for c in again.choices]  # seeded: repeatable
+    logprobs = response.choices[0].logprobs
+    assert "".join(logprobs.tokens) == response.choices[0].text and len(logprobs.token_logprobs) == 5
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs) and logprobs.text_offset[0] == 0
+    prompt_tokens = sum(len(tokenizer.encode(t)) for t in ("The sky", "A cat"))
+    assert response.usage.prompt_tokens == prompt_tokens  # each prompt counted once, not once per choice
+    assert response.usage.completion_tokens == 20
+
+
+def test_chat_logprobs_come_per_token(sdk, served) -> None:
+    response = sdk.chat.completions.create(
+        model=served, messages=ask("Hi"), max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = response.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == response.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+
+
+def test_response_format_constrains_the_answer(sdk, served) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"size": {"enum": ["small", "large"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["size", "count"],
+        "additionalProperties": False,
+    }
+    response = sdk.chat.completions.create(
+        model=served,
+        messages=ask("Describe it"),
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}},
+    )
+    value = json.loads(response.choices[0].message.content)
+    assert value["size"] in ("small", "large") and 0 <= value["count"] <= 9
+    assert response.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("call", "exception", "fragment"),
+    [
+        (lambda s, m: s.chat.completions.create(model="gamma", messages=ask("hi")), openai.NotFoundError, "gamma"),
+        (lambda s, m: s.chat.completions.create(model=m, messages=[]), openai.BadRequestError, "messages"),
+        (
+            lambda s, m: s.chat.completions.create(model=m, messages=ask("hi"), temperature=3),
+            openai.BadRequestError,
+            "temperature",
+        ),
+        (
+            lambda s, m: s.chat.completions.create(model=m, messages=[{"role": "tool", "content": "x"}]),
+            openai.BadRequestError,
+            "role",
+        ),
+        (
+            lambda s, m: s.completions.create(model=m, prompt="hi", max_tokens=1000),
+            openai.BadRequestError,
+            "must be <= 64",
+        ),
+        (
+            lambda s, m: s.chat.completions.create(model=m, messages=ask("hi"), presence_penalty=0.5),
+            openai.BadRequestError,
+            "presence_penalty is not supported",
+        ),
+        (
+            lambda s, m: s.chat.completions.create(
+                model=m,
+                messages=ask("hi"),
+                response_format={"type": "json_schema", "json_schema": {"schema": {"if": {}}}},
+            ),
+            openai.BadRequestError,
+            "Unimplemented keys",
+        ),
+    ],
+)
+def test_bad_requests_raise_the_sdk_exception_for_their_status(sdk, served, call, exception, fragment) -> None:
+    with pytest.raises(exception) as raised:
+        call(sdk, served)
+    assert fragment in raised.value.message
+    assert raised.value.response.headers["x-request-id"]
+
+
+def test_sse_frames_and_error_bodies_on_the_wire(base_url, served) -> None:
+    with httpx.stream(
+        "POST", f"{base_url}/v1/completions", json={"model": served, "prompt": "Hi", "max_tokens": 3, "stream": True}
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    frames = body.split("\n\n")
+    assert frames[-1] == "" and frames[-2] == "data: [DONE]"
+    events = [json.loads(frame.removeprefix("data: ")) for frame in frames[:-2]]
+    assert all(frame.startswith("data: ") for frame in frames[:-1])
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and events[0]["object"] == "text_completion"
+    for content, fragment in [
+        (b"{not json", "not valid JSON"),
+        (json.dumps({"model": served, "messages": ask("hi"), "n": "two"}).encode(), "n:"),
+        (json.dumps({"model": served, "messages": ask("hi"), "tools": []}).encode(), "tools: is not a field"),
+    ]:
+        bad = httpx.post(
+            f"{base_url}/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+        )
+        assert bad.status_code == 400, bad.text
+        error = bad.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"]
+        assert error["type"] == "invalid_request_error" and bad.headers["x-request-id"]
+    missing = httpx.get(f"{base_url}/v1/engines")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{base_url}/health").json() == {"status": "SERVING"}
+    assert httpx.get(f"{base_url}/ready").status_code == 200
+
+
+def record_batches(running, monkeypatch, seconds_per_step: float) -> list[int]:
+    """Slow every model step down and record how many rows each one ran."""
+    runner = running.server.engine._runner
+    step = runner.step
+    sizes: list[int] = []
+
+    def recorded(work):
+        sizes.append(len(work))
+        time.sleep(seconds_per_step)
+        return step(work)
+
+    monkeypatch.setattr(runner, "step", recorded)
+    return sizes
+
+
+def test_grpc_and_http_requests_share_one_batch(start_server, free_port, monkeypatch) -> None:
+    running = start_server(server_options={"http_port": free_port()})
+    sizes = record_batches(running, monkeypatch, 0.02)
+    served = running.server.engine.loaded.description.name
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{running.server.http_port}/v1", api_key="x", max_retries=0)
+    grpc_stream = running.client.stream("Hello", max_new_tokens=30, min_new_tokens=30)
+    next(grpc_stream)  # the gRPC request is decoding
+    response = sdk.completions.create(model=served, prompt="Hello", max_tokens=5, extra_body={"min_tokens": 5})
+    rest = list(grpc_stream)
+    assert response.usage.completion_tokens == 5 and rest[-1].finished
+    assert max(sizes) == 2  # at least one step ran both
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_row(start_server, free_port, monkeypatch) -> None:
+    running = start_server(server_options={"http_port": free_port()})
+    record_batches(running, monkeypatch, 0.02)
+    served = running.server.engine.loaded.description.name
+    body = {"model": served, "prompt": "Hi", "max_tokens": 60, "min_tokens": 60, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{running.server.http_port}/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    end = time.monotonic() + 10
+    while running.server.engine.stats().active_requests and time.monotonic() < end:
+        time.sleep(0.05)
+    stats = running.server.engine.stats()
+    assert stats.active_requests == 0 and stats.kv_cache_used_blocks == 0
+    assert stats.generated_tokens < 60  # it ended early, not at max_tokens
+
+
+def test_a_full_queue_is_a_rate_limit_error_with_retry_after(start_server, free_port, monkeypatch) -> None:
+    running = start_server(server_options={"http_port": free_port()}, max_batch_size=1, max_queued_requests=0)
+    record_batches(running, monkeypatch, 0.05)
+    served = running.server.engine.loaded.description.name
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{running.server.http_port}/v1", api_key="x", max_retries=0)
+    busy = running.client.stream("Hello", max_new_tokens=40, min_new_tokens=40)
+    next(busy)  # admitted: the batch of one is full and nothing may wait
+    with pytest.raises(openai.RateLimitError) as raised:
+        sdk.completions.create(model=served, prompt="Hi", max_tokens=2)
+    assert raised.value.response.headers["retry-after"] == "1"
+    assert "capacity" in raised.value.message
+    busy.close()
+
+
+def test_bearer_tokens_guard_the_api_but_not_health(start_server, free_port, monkeypatch) -> None:
+    monkeypatch.setenv("LORASERVE_AUTH_TOKENS", "s3cret")
+    running = start_server(server_options={"http_port": free_port()}, client_options={"token": "s3cret"})
+    base = f"http://127.0.0.1:{running.server.http_port}"
+    served = running.server.engine.loaded.description.name
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    assert openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret").models.list().data[0].id == served
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_draining_refuses_new_requests_and_ready_says_so(start_server, free_port) -> None:
+    running = start_server(server_options={"http_port": free_port()})
+    base = f"http://127.0.0.1:{running.server.http_port}"
+    served = running.server.engine.loaded.description.name
+    running.server.drain()
+    assert httpx.get(f"{base}/ready").status_code == 503
+    assert httpx.get(f"{base}/health").status_code == 503
+    refused = httpx.post(f"{base}/v1/completions", json={"model": served, "prompt": "hi"})
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable_error"
+
+
+def test_the_http_port_is_off_unless_asked_for(tiny_server) -> None:
+    assert tiny_server.server.http_port is None and tiny_server.server._http is None
