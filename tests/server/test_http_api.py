@@ -4,6 +4,7 @@ bearer tokens, a client that goes away mid-stream, draining, and gRPC and HTTP r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -170,7 +171,9 @@ def test_bad_requests_raise_the_sdk_exception_for_their_status(sdk, served, call
 
 def test_sse_frames_and_error_bodies_on_the_wire(base_url, served) -> None:
     with httpx.stream(
-        "POST", f"{base_url}/v1/completions", json={"model": served, "prompt": "Hi", "max_tokens": 3, "stream": True}
+        "POST",
+        f"{base_url}/v1/completions",
+        json={"model": served, "prompt": "Hi", "max_tokens": 3, "min_tokens": 3, "stream": True},
     ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         body = response.read().decode()
@@ -279,3 +282,21 @@ def test_draining_refuses_new_requests_and_ready_says_so(start_server, free_port
 
 def test_the_http_port_is_off_unless_asked_for(tiny_server) -> None:
     assert tiny_server.server.http_port is None and tiny_server.server._http is None
+
+
+def test_models_follow_adapters_loaded_and_unloaded_at_runtime(
+    start_server, free_port, tiny_model_config, adapter_dirs
+) -> None:
+    config = dataclasses.replace(tiny_model_config, adapter=(), adapter_root=str(adapter_dirs["alpha"].parent))
+    running = start_server(model_config=config, server_options={"http_port": free_port()})
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{running.server.http_port}/v1", api_key="x", max_retries=0)
+    served = running.server.engine.loaded.description.name
+    assert [m.id for m in sdk.models.list().data] == [served]
+    running.client.load_adapter("late", adapter_dirs["beta"].name)
+    assert [m.id for m in sdk.models.list().data] == [served, "late"]
+    late = sdk.completions.create(model="late", prompt="Hi", max_tokens=2, extra_body={"min_tokens": 2})
+    assert late.usage.completion_tokens == 2
+    running.client.unload_adapter("late")
+    assert [m.id for m in sdk.models.list().data] == [served]
+    with pytest.raises(openai.NotFoundError):
+        sdk.completions.create(model="late", prompt="Hi", max_tokens=2)

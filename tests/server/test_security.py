@@ -165,3 +165,32 @@ def test_changing_collections_needs_an_admin_token(secured) -> None:
     assert [c.name for c in secured.client.list_collections()] == ["kb"]  # reading needs a user's token only
     answer = secured.client.rag_query("What is the capital of France?", collection="kb", max_new_tokens=2)
     assert [s.document_id for s in answer.sources] == ["d"]
+
+
+def test_the_http_api_uses_the_same_tls_and_rate_limit(start_server, pki, free_port, monkeypatch) -> None:
+    import ssl
+
+    import httpx
+
+    monkeypatch.setenv("LORASERVE_AUTH_TOKENS", "a")
+    running = start_server(
+        server_options={
+            "tls_cert": str(pki["server"]),
+            "tls_key": str(pki["server_key"]),
+            "http_port": free_port(),
+            "rate_limit": 0.01,  # a token per 100 s: the third call is limited however slow the machine
+            "rate_burst": 2,
+        },
+        client_options={"credentials": tls_credentials(str(pki["ca"])), "token": "a"},
+    )
+    base = f"https://127.0.0.1:{running.server.http_port}"
+    headers = {"authorization": "Bearer a"}
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(pki["ca"])), timeout=30) as https:
+        assert https.get(f"{base}/v1/models", headers=headers).status_code == 200
+        running.client.tokenize("one")  # the same client's gRPC call takes from the same bucket
+        limited = https.get(f"{base}/v1/models", headers=headers)
+        assert limited.status_code == 429 and limited.json()["error"]["type"] == "rate_limit_error"
+        assert 1 <= int(limited.headers["retry-after"]) <= 100
+        assert https.get(f"{base}/health").status_code == 200  # probes are never limited
+    with pytest.raises(httpx.HTTPError):  # plaintext HTTP gets no answer from a TLS port
+        httpx.get(f"http://127.0.0.1:{running.server.http_port}/health", timeout=5)

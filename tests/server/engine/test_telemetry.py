@@ -7,6 +7,7 @@ import logging
 import re
 import urllib.request
 
+import httpx
 import pytest
 
 from loraserve.client import LoraserveRpcError
@@ -16,13 +17,17 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 def test_the_metrics_endpoint_reports_requests_tokens_latency_and_load(start_server, free_port) -> None:
-    port = free_port()
-    running = start_server(server_options={"metrics_port": port})
+    port, http_port = free_port(), free_port()
+    running = start_server(server_options={"metrics_port": port, "http_port": http_port})
     client = running.client
     client.generate("Hello", max_new_tokens=5, min_new_tokens=5)
     list(client.stream("Hello", max_new_tokens=4, min_new_tokens=4))
     with pytest.raises(LoraserveRpcError):
         client.generate("Hello", top_p=7.0)
+    model = running.server.engine.loaded.description.name
+    completions = f"http://127.0.0.1:{http_port}/v1/completions"
+    assert httpx.post(completions, json={"model": model, "prompt": "Hi", "max_tokens": 2}).status_code == 200
+    assert httpx.post(completions, json={"model": model, "prompt": "Hi", "top_p": 7}).status_code == 400
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = []  # (name, labels, value) of every sample line
     for line in text.splitlines():
@@ -36,11 +41,13 @@ def test_the_metrics_endpoint_reports_requests_tokens_latency_and_load(start_ser
         assert found, f"no {name} {labels} in /metrics"
         return sum(found)
 
-    assert value("loraserve_rpc_requests_total", rpc="Generate", code="OK") == 1
+    assert value("loraserve_rpc_requests_total", rpc="Generate", code="OK", protocol="grpc") == 1
+    assert value("loraserve_rpc_requests_total", rpc="Completions", code="OK", protocol="http") == 1
+    assert value("loraserve_rpc_requests_total", rpc="Completions", code="INVALID_ARGUMENT", protocol="http") == 1
     assert value("loraserve_rpc_requests_total", rpc="GenerateStream", code="OK") == 1
     assert value("loraserve_rpc_requests_total", rpc="Generate", code="INVALID_ARGUMENT") == 1
-    assert value("loraserve_generated_tokens_total") >= 9
-    assert value("loraserve_time_to_first_token_seconds_count") == 2
+    assert value("loraserve_generated_tokens_total") >= 11
+    assert value("loraserve_time_to_first_token_seconds_count") == 3  # two gRPC requests and one HTTP
     assert value("loraserve_inter_token_latency_seconds_count") >= 7
     assert value("loraserve_rpc_duration_seconds_count") >= 3
     assert value("loraserve_batch_size_count") >= 1
