@@ -33,9 +33,13 @@ def resolve_source(adapter_id: str, source: str, root: str, buckets: tuple[str, 
     if not root:
         raise PermissionDenied("source: this server loads no local adapters at runtime (it has no --adapter-root)")
     base = Path(root).expanduser().resolve()
-    folder = (base / source).resolve()
-    if not folder.is_relative_to(base):
-        raise PermissionDenied(f"source: {source!r} is outside the adapter root")
-    if not folder.is_dir():
-        raise ArtifactNotFound(f"source: no adapter folder {source!r} under the adapter root")
+    try:
+        folder = (base / source).resolve()
+        if not folder.is_relative_to(base):
+            raise PermissionDenied(f"source: {source!r} is outside the adapter root")
+        if not folder.is_dir():
+            raise ArtifactNotFound(f"source: no adapter folder {source!r} under the adapter root")
+    except (OSError, ValueError) as error:  # a name too long, a NUL byte: not a path this system can have
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise InvalidRequest(f"is not a usable folder name ({reason})", "source") from None
     return AdapterSpec(adapter_id, str(folder))

@@ -25,7 +25,7 @@ from loraserve.errors import ConfigError
 from loraserve.server.engine.telemetry import Telemetry
 from loraserve.server.http_api.app import HttpApi
 from loraserve.server.http_api.server import HttpServer
-from loraserve.server.interceptors import AccessInterceptor
+from loraserve.server.interceptors import AccessInterceptor, MalformedRequestInterceptor
 from loraserve.server.retrieval.retriever import Retriever
 from loraserve.server.servicer import AdapterServicer, CollectionServicer, InferenceServicer
 from loraserve.v1 import inference_pb2 as pb
@@ -115,6 +115,7 @@ class LoraServer:
             interceptors=[
                 server_interceptor(tracer_provider=self.telemetry.tracer_provider),
                 access,
+                MalformedRequestInterceptor(),
             ],
             maximum_concurrent_rpcs=workers,
             options=[
@@ -143,7 +144,9 @@ class LoraServer:
         server.start()
         self._server = server
         if config.http_port:
-            api = HttpApi(lambda: self.servicer.engine, lambda: self._serving, access, self.telemetry)
+            api = HttpApi(
+                lambda: self.servicer.engine, lambda: self._serving, access, self.telemetry, config.max_message_bytes
+            )
             self._http = HttpServer(api.build(), config)
             self.http_port = self._http.start()
         logger.info(

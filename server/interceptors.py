@@ -1,6 +1,9 @@
 """Who may call what, and how often: bearer-token authentication (UNAUTHENTICATED), admin tokens for AdapterService
 and the RPCs that change collections (PERMISSION_DENIED), and a token bucket per client (RESOURCE_EXHAUSTED with a
-retry hint). Health, reflection and Ready stay open, so load balancers and grpcurl can probe without a token."""
+retry hint). Health, reflection and Ready stay open, so load balancers and grpcurl can probe without a token.
+
+Also: a request whose bytes do not parse as its message (invalid UTF-8 in a string, a truncated field) is
+INVALID_ARGUMENT. grpc itself would answer INTERNAL ("Exception deserializing request!") before any servicer runs."""
 
 from __future__ import annotations
 
@@ -157,3 +160,61 @@ def _guarded(handler: Any, method: str, interceptor: AccessInterceptor) -> Any:
         if behaviour is not None:
             return make(wrap(behaviour), handler.request_deserializer, handler.response_serializer)
     return handler
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request's bytes became when they did not parse."""
+
+    message: str
+    error: Exception
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """Parses requests itself, so that bytes that are not a valid message get INVALID_ARGUMENT naming the message."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _tolerant(handler)
+
+
+def _tolerant(handler: Any) -> Any:
+    deserialize = handler.request_deserializer
+    message = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = message.full_name if message is not None else "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:  # protobuf's DecodeError, and the UTF-8 errors some runtimes raise instead
+            return Undecodable(name, error)
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> None:
+        if isinstance(request, Undecodable):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {request.message} (check string fields for invalid UTF-8): "
+                f"{request.error}",
+            )
+
+    def unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            refuse(request, context)
+            return behaviour(request, context)
+
+        return run
+
+    def streaming(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            refuse(request, context)
+            yield from behaviour(request, context)
+
+        return run
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), parse, handler.response_serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), parse, handler.response_serializer)
+    return handler  # client-streaming RPCs parse each message in their own loop; the contract has none

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -22,7 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraserve.errors import LoraserveError
 from loraserve.server.engine.outputs import GenerationChunk, GenerationResult
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/ready", "/docs", "/openapi.json")  # like gRPC health and Ready: no token needed
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer (it never sees it)
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 ROUTE_NAMES = {
     "/v1/chat/completions": "ChatCompletions",
@@ -85,6 +88,55 @@ class ChunkQueue:
             stream.cancel()
 
 
+class Frame:
+    """Around every request: a request id (the x-request-id header, and in the logs), the access and size checks,
+    and the request metrics. Plain ASGI: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the
+    routes, and a non-streaming request could not be cancelled when its client leaves."""
+
+    def __init__(self, app: ASGIApp, api: HttpApi) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        request_id = uuid.uuid4().hex
+        request.state.request_id = request_id
+        started = time.monotonic()
+        logger.info(
+            "request received",
+            extra={
+                "protocol": "http",
+                "path": request.url.path,
+                "request_id": request_id,
+                "correlation_id": request.headers.get(CORRELATION_ID_HEADER),
+                "peer": f"{request.client.host}:{request.client.port}" if request.client else None,
+            },
+        )
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if REQUEST_ID_HEADER not in headers:
+                    headers.append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        try:
+            refusal = self.api.refusal(request)
+            if refusal is not None:
+                await self.api.error_response(request, refusal)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if self.api.telemetry is not None:
+                path = request.url.path
+                code = getattr(request.state, "status", "OK")
+                seconds = time.monotonic() - started
+                self.api.telemetry.rpc_finished(ROUTE_NAMES.get(path, path), code, seconds, protocol="http")
+
+
 class HttpApi:
     """Builds the FastAPI app. `engine()` returns the engine or raises Unavailable while it loads; `serving()` says
     what gRPC health says."""
@@ -95,15 +147,17 @@ class HttpApi:
         serving: Callable[[], bool],
         access: AccessInterceptor,
         telemetry: Telemetry | None,
+        max_body_bytes: int,
     ) -> None:
         self.engine = engine
         self.serving = serving
         self.access = access
         self.telemetry = telemetry
+        self.max_body_bytes = max_body_bytes
 
     def build(self) -> FastAPI:
         app = FastAPI(title="loraserve", summary="OpenAI-compatible HTTP API", version="v1")
-        app.middleware("http")(self._frame)
+        app.add_middleware(Frame, api=self)
         app.add_exception_handler(RequestValidationError, self._invalid_body)  # type: ignore[arg-type]
         app.add_exception_handler(LoraserveError, self._domain_error)  # type: ignore[arg-type]
         app.add_exception_handler(HTTPException, self._http_error)  # type: ignore[arg-type]
@@ -117,43 +171,39 @@ class HttpApi:
 
     # ---- the frame around every request: request id, access, telemetry ----------------------------------------------
 
-    async def _frame(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request_id = uuid.uuid4().hex
-        request.state.request_id = request_id
-        started = time.monotonic()
+    def refusal(self, request: Request) -> errors.ApiError | None:
+        """Why a request may not reach its route: no valid token, its client's rate limit, a body over the limit."""
         path = request.url.path
-        peer = f"{request.client.host}:{request.client.port}" if request.client else "unknown"
-        logger.info(
-            "request received",
-            extra={
-                "protocol": "http",
-                "path": path,
-                "request_id": request_id,
-                "correlation_id": request.headers.get(CORRELATION_ID_HEADER),
-                "peer": peer,
-            },
-        )
-        denial = None
         if self.access.active and not path.startswith(OPEN_PATHS):
+            client = request.client
+            peer = f"{client.host}:{client.port}" if client else "unknown"
             denial = self.access.check(path, {"authorization": request.headers.get("authorization", "")}, peer)
-        if denial is not None:
-            response = self._error(request, errors.from_status(denial.code, denial.message, denial.retry_after_s))
-        else:
-            response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        if self.telemetry is not None:
-            code = getattr(request.state, "status", "OK")
-            self.telemetry.rpc_finished(ROUTE_NAMES.get(path, path), code, time.monotonic() - started, protocol="http")
-        return response
+            if denial is not None:
+                return errors.from_status(denial.code, denial.message, denial.retry_after_s)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return errors.ApiError(
+                413,
+                f"the body is {length} bytes; at most {self.max_body_bytes} are allowed (the server's "
+                "--max-message-bytes)",
+                "invalid_request_error",
+                code="request_too_large",
+                grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
+        return None
 
     # ---- errors ------------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _error(request: Request, error: errors.ApiError) -> JSONResponse:
+    def error_response(request: Request, error: errors.ApiError) -> JSONResponse:
         request.state.status = error.grpc_code.name
-        fields = {"protocol": "http", "request_id": request.state.request_id, "status": error.status}
-        logger.info("request refused", extra=fields | {"reason": error.message})
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+        request_id = request.state.request_id
+        logger.info(
+            "request refused",
+            extra={"protocol": "http", "request_id": request_id, "status": error.status, "reason": error.message},
+        )
+        headers = error.headers() | {REQUEST_ID_HEADER: request_id}
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     async def _invalid_body(self, request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
@@ -168,13 +218,13 @@ class HttpApi:
         api_error = errors.ApiError(
             400, text, "invalid_request_error", param, "invalid_argument", grpc_code=grpc.StatusCode.INVALID_ARGUMENT
         )
-        return self._error(request, api_error)
+        return self.error_response(request, api_error)
 
     async def _domain_error(self, request: Request, error: LoraserveError) -> JSONResponse:
         api_error = errors.from_error(error)
         if api_error is None:
             return await self._unexpected(request, error)
-        return self._error(request, api_error)
+        return self.error_response(request, api_error)
 
     async def _http_error(self, request: Request, error: HTTPException) -> JSONResponse:
         found = error.status_code != 404
@@ -186,12 +236,12 @@ class HttpApi:
             code=str(error.detail).lower().replace(" ", "_"),
             grpc_code=grpc.StatusCode.INVALID_ARGUMENT if found else grpc.StatusCode.NOT_FOUND,
         )
-        return self._error(request, api_error)
+        return self.error_response(request, api_error)
 
     async def _unexpected(self, request: Request, error: Exception) -> JSONResponse:
         request_id = request.state.request_id
         logger.error("unexpected error", exc_info=error, extra={"protocol": "http", "request_id": request_id})
-        return self._error(request, errors.internal(request_id))
+        return self.error_response(request, errors.internal(request_id))
 
     # ---- routes ------------------------------------------------------------------------------------------------------
 
@@ -252,7 +302,11 @@ class HttpApi:
         created = int(time.time())
         if body.stream:
             return self._event_stream(queue, events(queue, body, request_id, created))
-        return JSONResponse(respond(request_id, created, await self._results(queue, request)))
+        results = await self._results(queue, request)
+        if results is None:  # the client went away; nobody reads this answer
+            request.state.status = grpc.StatusCode.CANCELLED.name
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(respond(request_id, created, results))
 
     # ---- helpers -----------------------------------------------------------------------------------------------------
 
@@ -274,8 +328,8 @@ class HttpApi:
         return streams
 
     @staticmethod
-    async def _results(queue: ChunkQueue, request: Request) -> list[GenerationResult]:
-        """Every choice's whole result; the requests are cancelled if the client goes away first."""
+    async def _results(queue: ChunkQueue, request: Request) -> list[GenerationResult] | None:
+        """Every choice's whole result; None when the client went away first (its requests are cancelled)."""
         chunks: list[list[GenerationChunk]] = [[] for _ in queue.streams]
 
         async def collect() -> None:
@@ -288,8 +342,9 @@ class HttpApi:
                 await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
                 if not task.done() and await request.is_disconnected():
                     task.cancel()
-                    break
-            await task
+                    queue.cancel()
+                    return None
+            task.result()  # raises the engine's error, if it put one
         except BaseException:
             queue.cancel()
             raise

@@ -300,3 +300,26 @@ def test_models_follow_adapters_loaded_and_unloaded_at_runtime(
     assert [m.id for m in sdk.models.list().data] == [served]
     with pytest.raises(openai.NotFoundError):
         sdk.completions.create(model="late", prompt="Hi", max_tokens=2)
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(start_server, free_port, monkeypatch) -> None:
+    running = start_server(server_options={"http_port": free_port()})
+    record_batches(running, monkeypatch, 0.05)
+    served = running.server.engine.loaded.description.name
+    body = {"model": served, "prompt": "Hi", "max_tokens": 60, "min_tokens": 60}
+    with pytest.raises(httpx.ReadTimeout):  # 60 steps take 3 s or more; the client leaves after 0.5 s
+        httpx.post(f"http://127.0.0.1:{running.server.http_port}/v1/completions", json=body, timeout=0.5)
+    end = time.monotonic() + 10
+    while running.server.engine.stats().active_requests and time.monotonic() < end:
+        time.sleep(0.05)
+    stats = running.server.engine.stats()
+    assert stats.active_requests == 0 and stats.kv_cache_used_blocks == 0 and stats.generated_tokens < 60
+
+
+def test_a_body_over_the_message_limit_is_refused(start_server, free_port) -> None:
+    running = start_server(server_options={"http_port": free_port(), "max_message_bytes": 4096})
+    served = running.server.engine.loaded.description.name
+    url = f"http://127.0.0.1:{running.server.http_port}/v1/completions"
+    refused = httpx.post(url, json={"model": served, "prompt": "x" * 5000})
+    assert refused.status_code == 413 and "at most 4096" in refused.json()["error"]["message"]
+    assert httpx.post(url, json={"model": served, "prompt": "x", "max_tokens": 1}).status_code == 200

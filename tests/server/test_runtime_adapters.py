@@ -66,6 +66,8 @@ def test_an_adapter_loaded_at_runtime_serves_like_one_loaded_at_start(root_serve
         ("../x", "adapter-beta0", grpc.StatusCode.INVALID_ARGUMENT, "not a valid adapter id"),
         ("x", "", grpc.StatusCode.INVALID_ARGUMENT, "source: must name"),
         ("x", "tokenizer0", grpc.StatusCode.INVALID_ARGUMENT, "no adapter_config.json"),
+        ("x", "0" * 5000, grpc.StatusCode.INVALID_ARGUMENT, "not a usable folder name"),  # found by test_fuzz
+        ("x", "a\x00b", grpc.StatusCode.INVALID_ARGUMENT, "not a usable folder name"),
     ],
 )
 def test_bad_loads_get_their_status_and_change_nothing(root_server, adapter_id, source, code, fragment) -> None:
