@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 from loraserve.config import EngineConfig
 from loraserve.v1 import inference_pb2 as pb
 
-# Cases per RPC: 250 in `make test` (about 30 s for all 13 RPCs); LORASERVE_FUZZ_EXAMPLES=1000 for a longer hunt.
-EXAMPLES = int(os.environ.get("LORASERVE_FUZZ_EXAMPLES", "250"))
+# `make test` runs the same 100 cases per RPC every time (derandomized: a suite must not fail by chance), in about
+# 15 s for all 13 RPCs; LORASERVE_FUZZ_EXAMPLES=1000 hunts with fresh random cases.
+HUNT = "LORASERVE_FUZZ_EXAMPLES" in os.environ
+EXAMPLES = int(os.environ.get("LORASERVE_FUZZ_EXAMPLES", "100"))
 SERVICES = ("InferenceService", "AdapterService", "CollectionService")
 NEVER = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 MAX_DEPTH = 3
@@ -173,7 +175,13 @@ def test_no_request_gets_unknown_or_internal(fuzz_server, service, method, reque
     with grpc.insecure_channel(running.target) as channel:
         call = invoke(channel, service, method, streaming)
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            derandomize=not HUNT,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(values=message_values(request_type), corrupted=st.none() | CORRUPTIONS)
         def check(values: dict[str, Any], corrupted: bytes | None) -> None:
             data = corrupted if corrupted is not None else to_message(request_type, values).SerializeToString()

@@ -215,8 +215,8 @@ def record_batches(running, monkeypatch, seconds_per_step: float) -> list[int]:
     return sizes
 
 
-def test_grpc_and_http_requests_share_one_batch(start_server, free_port, monkeypatch) -> None:
-    running = start_server(server_options={"http_port": free_port()})
+def test_grpc_and_http_requests_share_one_batch(tiny_http_server, monkeypatch) -> None:
+    running = tiny_http_server
     sizes = record_batches(running, monkeypatch, 0.02)
     served = running.server.engine.loaded.description.name
     sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{running.server.http_port}/v1", api_key="x", max_retries=0)
@@ -228,9 +228,10 @@ def test_grpc_and_http_requests_share_one_batch(start_server, free_port, monkeyp
     assert max(sizes) == 2  # at least one step ran both
 
 
-def test_a_client_that_goes_away_mid_stream_frees_its_row(start_server, free_port, monkeypatch) -> None:
-    running = start_server(server_options={"http_port": free_port()})
+def test_a_client_that_goes_away_mid_stream_frees_its_row(tiny_http_server, monkeypatch) -> None:
+    running = tiny_http_server
     record_batches(running, monkeypatch, 0.02)
+    before = running.server.engine.stats().generated_tokens
     served = running.server.engine.loaded.description.name
     body = {"model": served, "prompt": "Hi", "max_tokens": 60, "min_tokens": 60, "stream": True}
     with httpx.stream("POST", f"http://127.0.0.1:{running.server.http_port}/v1/completions", json=body) as response:
@@ -241,7 +242,7 @@ def test_a_client_that_goes_away_mid_stream_frees_its_row(start_server, free_por
         time.sleep(0.05)
     stats = running.server.engine.stats()
     assert stats.active_requests == 0 and stats.kv_cache_used_blocks == 0
-    assert stats.generated_tokens < 60  # it ended early, not at max_tokens
+    assert stats.generated_tokens - before < 60  # it ended early, not at max_tokens
 
 
 def test_a_full_queue_is_a_rate_limit_error_with_retry_after(start_server, free_port, monkeypatch) -> None:
@@ -302,9 +303,10 @@ def test_models_follow_adapters_loaded_and_unloaded_at_runtime(
         sdk.completions.create(model="late", prompt="Hi", max_tokens=2)
 
 
-def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(start_server, free_port, monkeypatch) -> None:
-    running = start_server(server_options={"http_port": free_port()})
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(tiny_http_server, monkeypatch) -> None:
+    running = tiny_http_server
     record_batches(running, monkeypatch, 0.05)
+    before = running.server.engine.stats().generated_tokens
     served = running.server.engine.loaded.description.name
     body = {"model": served, "prompt": "Hi", "max_tokens": 60, "min_tokens": 60}
     with pytest.raises(httpx.ReadTimeout):  # 60 steps take 3 s or more; the client leaves after 0.5 s
@@ -313,7 +315,8 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(start_server, fr
     while running.server.engine.stats().active_requests and time.monotonic() < end:
         time.sleep(0.05)
     stats = running.server.engine.stats()
-    assert stats.active_requests == 0 and stats.kv_cache_used_blocks == 0 and stats.generated_tokens < 60
+    assert stats.active_requests == 0 and stats.kv_cache_used_blocks == 0
+    assert stats.generated_tokens - before < 60
 
 
 def test_a_body_over_the_message_limit_is_refused(start_server, free_port) -> None:

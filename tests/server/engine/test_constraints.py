@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -279,3 +280,28 @@ def test_constraint_size_and_choice_count_are_limited(make_engine) -> None:
         engine.submit(constrained(regex("a" * 65)))
     with pytest.raises(InvalidRequest, match="at most 3"):
         engine.submit(constrained(choice("a", "b", "c", "d")))
+
+
+def test_a_slow_compile_never_stalls_the_batch(make_engine, monkeypatch) -> None:
+    """The compile waits until a free request has finished: were it on the engine thread, that could never happen."""
+    engine = make_engine()
+    original = engine.constraints._compile
+    free_finished = threading.Event()
+    waited: list[bool] = []
+
+    def slow_compile(constraint: OutputConstraint):  # type: ignore[no-untyped-def]
+        waited.append(free_finished.wait(30))
+        return original(constraint)
+
+    monkeypatch.setattr(engine.constraints, "_compile", slow_compile)
+    free = engine.submit(
+        GenerationRequest(prompt=PROMPT, stopping=StoppingParams(max_new_tokens=20, min_new_tokens=20))
+    )
+    results = []
+    submitter = threading.Thread(target=lambda: results.append(engine.submit(constrained(choice("x", "y"))).result()))
+    submitter.start()
+    assert free.result().generated_token_count == 20
+    free_finished.set()
+    submitter.join(60)
+    assert waited == [True]
+    assert results[0].text in ("x", "y")
