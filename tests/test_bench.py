@@ -110,24 +110,18 @@ def test_retrieval_script_meets_the_quality_bar_on_the_labelled_set(tmp_path: Pa
     assert embedders["max_abs_difference"] < 1e-4  # the server's embeddings are sentence-transformers' embeddings
 
 
-def test_structured_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+def tiny_run(script: str, model: Path, out: Path, summary: str, *options: str) -> dict:
+    """Run a benchmark script on the tiny model with short settings; its JSON summary."""
     result = run(
-        "bench/structured.py",
-        "--model",
-        str(tiny_model_dir),
-        "--repeats",
-        "1",
-        "--new-tokens",
-        "4",
-        "--prompt-tokens",
-        "16",
-        "--mask-steps",
-        "4",
-        "--out",
-        str(tmp_path),
+        script, "--model", str(model), "--new-tokens", "4", "--prompt-tokens", "16", "--out", str(out), *options
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "structured-cpu.json").read_text())
+    return json.loads((out / summary).read_text())
+
+
+def test_structured_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    options = ("--repeats", "1", "--mask-steps", "4")
+    summary = tiny_run("bench/structured.py", tiny_model_dir, tmp_path, "structured-cpu.json", *options)
     libraries = {row["library"]: row for row in summary["libraries"]}
     assert set(libraries) == {
         "llguidance, as loraserve applies it",
@@ -143,23 +137,8 @@ def test_structured_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: 
 
 
 def test_http_vs_grpc_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
-    result = run(
-        "bench/http_vs_grpc.py",
-        "--model",
-        str(tiny_model_dir),
-        "--streams",
-        "3",
-        "--repeats",
-        "1",
-        "--new-tokens",
-        "4",
-        "--prompt-tokens",
-        "16",
-        "--out",
-        str(tmp_path),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "http-vs-grpc-cpu.json").read_text())
+    options = ("--streams", "3", "--repeats", "1")
+    summary = tiny_run("bench/http_vs_grpc.py", tiny_model_dir, tmp_path, "http-vs-grpc-cpu.json", *options)
     assert summary["http_vs_grpc"] > 0 and summary["http_ttft_p50_s"] > 0
     for name in ("grpc", "http"):
         (run_result,) = summary["runs"][name]
