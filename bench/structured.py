@@ -117,7 +117,7 @@ def timed_compile(compile_one: Callable[[dict[str, Any]], Any], entries: list[di
 def bench_llguidance(tokenizer, vocab: int, eos: int, rows: Rows, steps: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     compiler = ConstraintCompiler(tokenizer, vocab, frozenset({eos}), cache_size=0)  # no cache: time every compile
     compiler.compile(OutputConstraint(ConstraintKind.JSON_OBJECT))  # builds the tokenizer's trie once, untimed
-    templates, compile_s = timed_compile(
+    _, compile_s = timed_compile(
         lambda schema: compiler.compile(OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))),
         rows.entries,
     )
@@ -136,7 +136,6 @@ def bench_llguidance(tokenizer, vocab: int, eos: int, rows: Rows, steps: int) ->
         for j, row in enumerate(matchers):
             row.fill_mask(bitmask[j])
 
-    del templates
     applied = measure_steps(rows, steps, fresh, lambda ms: apply_masks(scores, list(enumerate(ms))), advance)
     filled = measure_steps(rows, steps, fresh, fill_only, advance)
     return [

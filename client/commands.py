@@ -71,7 +71,7 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
         "choice",
         "grammar",
     )
-    options = {n: getattr(args, n) for n in names if getattr(args, n, None) not in (None, "", [])}
+    options = {n: getattr(args, n) for n in names if getattr(args, n) not in (None, "", [])}
     for name in ("json_schema", "grammar"):
         if name in options:
             options[name] = _file_or_text(options[name])
