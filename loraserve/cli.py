@@ -17,6 +17,7 @@ from loraserve.config import (
     ModelConfig,
     RagConfig,
     ServerConfig,
+    StorageConfig,
     add_options,
     from_namespace,
 )
@@ -24,7 +25,7 @@ from loraserve.errors import ConfigError
 from loraserve.logs import configure_logging_from
 from loraserve.trainer.commands import add_commands as add_trainer_commands
 
-SERVE_CONFIGS = (ModelConfig, EngineConfig, RagConfig, ServerConfig, LogConfig)
+SERVE_CONFIGS = (ModelConfig, EngineConfig, RagConfig, ServerConfig, StorageConfig, LogConfig)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -34,6 +35,9 @@ def _serve(args: argparse.Namespace) -> int:
     rag_config = from_namespace(RagConfig, args)
     configure_logging_from(args)
     from loraserve.server.app import serve
+    from loraserve.storage import use_settings
+
+    use_settings(from_namespace(StorageConfig, args))
 
     return serve(model_config, engine_config, server_config, rag_config)
 

@@ -437,6 +437,24 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """How loraserve talks to S3 (s3:// models and adapters): timeouts and bounded retries."""
+
+    s3_connect_timeout: float = option(5.0, "Seconds to wait for a connection to S3.", metavar="SECONDS")
+    s3_read_timeout: float = option(
+        60.0, "Seconds to wait for S3 to send more data before the attempt counts as failed.", metavar="SECONDS"
+    )
+    s3_max_attempts: int = option(
+        5, "Attempts per S3 call and per file download before giving up (UNAVAILABLE).", metavar="N"
+    )
+
+    def __post_init__(self) -> None:
+        require(self.s3_connect_timeout > 0, "s3_connect_timeout", "must be > 0")
+        require(self.s3_read_timeout > 0, "s3_read_timeout", "must be > 0")
+        require(self.s3_max_attempts >= 1, "s3_max_attempts", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """What is logged, and how."""
 

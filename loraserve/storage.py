@@ -5,12 +5,16 @@ Layout under s3://bucket/prefix/:
   <version>/manifest.json  written last: a version without it is an incomplete upload and is never used
   latest                   the newest complete version's name; one PUT, so readers see the old or the new one
 Every file's sha256 is in the manifest; a download is checked against it before it is moved into place, so a
-corrupted object is refused and nothing half-written is left behind. Credentials come from the standard AWS chain
-(environment, shared config, instance or task role); AWS_ENDPOINT_URL points at an S3-compatible endpoint.
+corrupted object is refused and nothing half-written is left behind. A download goes to a staging folder named
+after its process (loraserve.files); one that a killed process left behind is removed by the next pull into the
+same place.
+Credentials come from the standard AWS chain (environment, shared config, instance or task role); AWS_ENDPOINT_URL
+points at an S3-compatible endpoint. Timeouts and attempts are StorageConfig's (--s3-* flags, LORASERVE_S3_*).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraserve.config import StorageConfig, from_env
 from loraserve.errors import ConfigError, LoraserveError
+from loraserve.files import remove_abandoned, staging_prefix, sync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,24 @@ class ArtifactCorrupted(StorageError):
 
 class StorageUnavailable(StorageError):
     """S3 could not be reached, even after retries with backoff."""
+
+
+class StorageFull(StorageError):
+    """The local disk has no room for the download."""
+
+
+_settings: StorageConfig | None = None
+
+
+def use_settings(config: StorageConfig) -> None:
+    """Set the process's S3 timeouts and attempts from the command line (as logging is configured once); without
+    it they come from LORASERVE_S3_* variables and the defaults."""
+    global _settings
+    _settings = config
+
+
+def settings() -> StorageConfig:
+    return _settings or from_env(StorageConfig)
 
 
 @dataclass(frozen=True)
@@ -70,8 +94,20 @@ def s3_client() -> Any:
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    chosen = settings()
+    config = Config(
+        retries={"total_max_attempts": chosen.s3_max_attempts, "mode": "standard"},
+        connect_timeout=chosen.s3_connect_timeout,
+        read_timeout=chosen.s3_read_timeout,
+    )
     return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
+
+
+def transfer_config() -> Any:
+    """s3transfer retries a download that breaks mid-object on its own count: bound it by the same setting."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(num_download_attempts=settings().s3_max_attempts)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -88,6 +124,7 @@ def sha256_file(path: Path) -> str:
 
 def _call(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
     """Run an S3 call; turn botocore's errors into StorageError naming what was being done."""
+    from boto3.exceptions import RetriesExceededError  # what download_file raises when its retries run out
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -96,8 +133,17 @@ def _call(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         code = error.response.get("Error", {}).get("Code", "")
         missing = code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound")
         raise (ArtifactNotFound if missing else StorageError)(f"{what}: {code or error}") from None
-    except BotoCoreError as error:
-        raise StorageUnavailable(f"{what}: S3 unreachable after retries ({error})") from None
+    except (BotoCoreError, RetriesExceededError) as error:
+        attempts = settings().s3_max_attempts
+        raise StorageUnavailable(f"{what}: S3 unreachable after {attempts} attempts ({error})") from None
+    except OSError as error:
+        raise local_disk_error(what, error) from None
+
+
+def local_disk_error(what: str, error: OSError) -> StorageError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"{what}: no space left on the local disk ({error.filename or 'cache'}); free some")
+    return StorageError(f"{what}: {error.strerror or error}")
 
 
 def write_manifest(folder: Path, kind: str) -> None:
@@ -178,8 +224,12 @@ def pull(location: S3Location, destination: Path, version: str | None = None, cl
         Key=location.key(version, MANIFEST),
     )["Body"].read()
     manifest = json.loads(body)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.partial-"))
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(destination.parent, f"{destination.name}.partial")
+        staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=staging_prefix(f"{destination.name}.partial")))
+    except OSError as error:
+        raise local_disk_error(f"preparing {destination}", error) from None
     try:
 
         def download(item: tuple[str, str]) -> None:
@@ -191,6 +241,7 @@ def pull(location: S3Location, destination: Path, version: str | None = None, cl
                 location.bucket,
                 location.key(version, name),
                 str(target),
+                Config=transfer_config(),
             )
             actual = sha256_file(target)
             if actual != expected:
@@ -201,11 +252,20 @@ def pull(location: S3Location, destination: Path, version: str | None = None, cl
 
         with ThreadPoolExecutor(PARALLEL_TRANSFERS) as pool:
             list(pool.map(download, manifest["files"].items()))
-        (staging / MANIFEST).write_bytes(body)
-        if destination.exists():
-            shutil.rmtree(destination)
-        staging.rename(destination)
+        _call(f"writing {MANIFEST}", (staging / MANIFEST).write_bytes, body)
+        replace_folder(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("pulled adapter", extra={"location": str(location), "version": version, "path": str(destination)})
     return destination
+
+
+def replace_folder(staging: Path, destination: Path) -> None:
+    """Move a complete folder into place. An existing one is renamed aside first, so that at every moment
+    `destination` is either the old complete folder, absent, or the new complete one."""
+    old = destination.with_name(f"{staging.name}-old")
+    if destination.exists():
+        destination.rename(old)
+    staging.rename(destination)
+    sync_folder(destination.parent)
+    shutil.rmtree(old, ignore_errors=True)

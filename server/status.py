@@ -25,7 +25,7 @@ from loraserve.errors import (
     QueueFull,
     Unavailable,
 )
-from loraserve.storage import ArtifactCorrupted, ArtifactNotFound, StorageError, StorageUnavailable
+from loraserve.storage import ArtifactCorrupted, ArtifactNotFound, StorageError, StorageFull, StorageUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ STATUS_BY_ERROR: dict[type[LoraserveError], grpc.StatusCode] = {
     ArtifactNotFound: grpc.StatusCode.NOT_FOUND,
     ArtifactCorrupted: grpc.StatusCode.DATA_LOSS,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

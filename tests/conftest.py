@@ -248,6 +248,120 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return name
 
 
+class FaultyS3Proxy:
+    """A TCP proxy on 127.0.0.1 in front of moto's S3 server that misbehaves on GETs of keys containing `target`:
+    mode "pass" forwards everything; "drop" sends the first `drop_after` bytes of such a response and then closes the
+    connection (every time, or only the first time with `times=1`); "slow" waits `delay` seconds before the response.
+    `hits` counts the GETs it misbehaved on."""
+
+    def __init__(self, upstream: str) -> None:
+        import socket
+        import threading
+
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.mode, self.target, self.drop_after, self.delay, self.times = "pass", "", 1024, 0.0, 0
+        self.hits = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def misbehave(self, mode: str, target: str, *, drop_after: int = 1024, delay: float = 0.0, times: int = 0) -> None:
+        with self._lock:
+            self.mode, self.target, self.drop_after, self.delay, self.times = mode, target, drop_after, delay, times
+            self.hits = 0
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self._sockets += [client, server]
+            state = {"fault": "", "sent": 0}
+            threading.Thread(target=self._requests, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._responses, args=(server, client, state), daemon=True).start()
+
+    def _requests(self, client, server, state: dict) -> None:  # type: ignore[no-untyped-def]
+        import re
+
+        while data := self._receive(client):
+            for method, path in re.findall(rb"^(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/1", data, re.MULTILINE):
+                with self._lock:
+                    faulty = self.mode != "pass" and method == b"GET" and self.target.encode() in path
+                    faulty = faulty and (not self.times or self.hits < self.times)
+                    self.hits += faulty
+                    state["fault"], state["sent"] = (self.mode if faulty else ""), 0
+            if not self._send(server, data):
+                break
+        self._close(client, server)
+
+    def _responses(self, server, client, state: dict) -> None:  # type: ignore[no-untyped-def]
+        import time
+
+        while data := self._receive(server):
+            fault = state["fault"]
+            if fault == "slow":
+                time.sleep(self.delay)
+                state["fault"] = ""
+            elif fault == "drop" and state["sent"] + len(data) >= self.drop_after:
+                self._send(client, data[: self.drop_after - state["sent"]])
+                break
+            state["sent"] += len(data)
+            if not self._send(client, data):
+                break
+        self._close(client, server)
+
+    @staticmethod
+    def _receive(sock) -> bytes:  # type: ignore[no-untyped-def]
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    @staticmethod
+    def _send(sock, data: bytes) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            sock.sendall(data)
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _close(*sockets) -> None:  # type: ignore[no-untyped-def]
+        import socket
+
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        with self._lock:
+            self._close(*self._sockets)
+
+
+@pytest.fixture
+def faulty_s3(bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3Proxy]:
+    """A misbehaving proxy in front of moto (see FaultyS3Proxy), with AWS_ENDPOINT_URL pointing at it."""
+    proxy = FaultyS3Proxy(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.close()
+
+
 @pytest.fixture(scope="session")
 def embedder():
     """The real embedding model (all-MiniLM-L6-v2 from its package), loaded once."""

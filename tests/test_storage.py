@@ -87,7 +87,7 @@ def test_an_unreachable_endpoint_is_reported(tmp_path: Path, monkeypatch: pytest
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}",
-        "AWS_MAX_ATTEMPTS": "2",
+        "LORASERVE_S3_MAX_ATTEMPTS": "2",
     }.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(StorageError, match="S3 unreachable"):

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from loraserve.config import LogConfig, add_options, from_namespace
+from loraserve.config import LogConfig, StorageConfig, add_options, from_namespace
 from loraserve.trainer.config import DataConfig, TrainConfig
 
 
@@ -94,8 +94,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def adapter_push(args: argparse.Namespace) -> int:
-    from loraserve.storage import S3Location, StorageError, push
+    from loraserve.storage import S3Location, StorageError, push, use_settings
 
+    use_settings(from_namespace(StorageConfig, args))
     try:
         version = push(Path(args.folder), S3Location.parse(args.location), args.version)
     except StorageError as error:
@@ -107,8 +108,9 @@ def adapter_push(args: argparse.Namespace) -> int:
 
 def model_push(args: argparse.Namespace) -> int:
     """Upload a Hugging Face model folder (for `serve --model s3://...`), writing its manifest first if it has none."""
-    from loraserve.storage import MANIFEST, S3Location, StorageError, push, write_manifest
+    from loraserve.storage import MANIFEST, S3Location, StorageError, push, use_settings, write_manifest
 
+    use_settings(from_namespace(StorageConfig, args))
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
         print(f"loraserve model push: {folder} has no config.json; push a Hugging Face model folder", file=sys.stderr)
@@ -125,8 +127,9 @@ def model_push(args: argparse.Namespace) -> int:
 
 
 def adapter_pull(args: argparse.Namespace) -> int:
-    from loraserve.storage import S3Location, StorageError, pull
+    from loraserve.storage import S3Location, StorageError, pull, use_settings
 
+    use_settings(from_namespace(StorageConfig, args))
     try:
         folder = pull(S3Location.parse(args.location), Path(args.folder), args.version)
     except StorageError as error:
@@ -172,6 +175,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     upload.add_argument("folder", help="the adapter folder (with manifest.json)")
     upload.add_argument("location", help="s3://bucket/prefix")
     upload.add_argument("--version", help="version name (default: the run id in the manifest)")
+    add_options(upload, StorageConfig)
     upload.set_defaults(handler=adapter_push)
     download = adapter_commands.add_parser(
         "pull",
@@ -181,6 +185,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     download.add_argument("location", help="s3://bucket/prefix")
     download.add_argument("folder", help="where to put the adapter folder")
     download.add_argument("--version", help="version to fetch (default: latest)")
+    add_options(download, StorageConfig)
     download.set_defaults(handler=adapter_pull)
 
     model = commands.add_parser("model", help="store models in S3", description="Store models in S3.")
@@ -193,4 +198,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     upload_model.add_argument("folder", help="the model folder (config.json, *.safetensors, tokenizer files)")
     upload_model.add_argument("location", help="s3://bucket/prefix")
     upload_model.add_argument("--version", help="version name (default: a hash of the files)")
+    add_options(upload_model, StorageConfig)
     upload_model.set_defaults(handler=model_push)

@@ -67,9 +67,13 @@ class Retriever:
     def upsert(self, name: str, documents: Sequence[Document]) -> tuple[UpsertOutcome, CollectionInfo]:
         check_collection_name(name)
         embedder = self.embedder.get()
-        collection = self.store.get(name, create_for=(embedder.identity, embedder.dimensions))
-        outcome = collection.upsert(
-            documents, embedder, self.config.rag_passage_chars, self.config.rag_passage_overlap_chars
+        outcome, collection = self.store.upsert(
+            name,
+            documents,
+            embedder,
+            embedder.dimensions,
+            self.config.rag_passage_chars,
+            self.config.rag_passage_overlap_chars,
         )
         return outcome, collection.info(embedder.identity)
 

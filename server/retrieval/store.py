@@ -8,6 +8,10 @@ matrix product in memory (10,000 passages x 384 dimensions is 15 MB and a millis
 (sqlite-vec) would do the same brute-force search, but Python builds without extension loading (such as this one)
 cannot use it; ANN indexes (LanceDB, Chroma's HNSW) pay off far beyond the sizes one server's RAG holds.
 
+A new collection is built in a staging file with its first documents and renamed into place in one step, so that a
+crash never leaves an empty or half-built collection visible; the staging file of a killed process is removed when
+the store next opens.
+
 Each collection records the embedding model it was built with (name@fingerprint of the weights): a server with
 another model refuses to search or extend it (FAILED_PRECONDITION) instead of mixing vectors.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -27,11 +32,13 @@ from typing import Protocol
 import numpy as np
 
 from loraserve.errors import FailedPrecondition, NotFound
+from loraserve.files import remove_abandoned, staging_prefix, sync_folder
 from loraserve.server.retrieval.chunking import Chunk, split_passages
 from loraserve.server.retrieval.documents import Document
 
 SCHEMA_VERSION = "1"
 SUFFIX = ".sqlite"
+CREATING = "creating"  # the staging kind of a collection being created
 SQL_BATCH = 500  # bound on the ? parameters of one statement
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -372,6 +379,9 @@ class CollectionStore:
         self.root = root
         self._open: dict[str, Collection] = {}
         self._lock = threading.Lock()
+        self._creating = threading.Lock()  # one creation at a time, so two creators of a name cannot race
+        if root.is_dir():
+            remove_abandoned(root, CREATING)
 
     def _path(self, name: str) -> Path:
         return self.root / f"{name}{SUFFIX}"
@@ -379,10 +389,13 @@ class CollectionStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name.removesuffix(SUFFIX) for p in self.root.glob(f"*{SUFFIX}") if p.is_file())
+        return sorted(
+            p.name.removesuffix(SUFFIX) for p in self.root.glob(f"*{SUFFIX}") if p.is_file() and p.name[0] != "."
+        )
 
     def get(self, name: str, create_for: tuple[str, int] | None = None) -> Collection:
-        """The collection; with create_for=(embedding model identity, dimensions), created when it is missing."""
+        """The collection; with create_for=(embedding model identity, dimensions), created empty when it is missing
+        (UpsertDocuments creates collections with their first documents instead: see upsert)."""
         with self._lock:
             collection = self._open.get(name)
             if collection is not None:
@@ -397,6 +410,32 @@ class CollectionStore:
             collection = Collection(name, path, identity, dimensions)
             self._open[name] = collection
             return collection
+
+    def upsert(
+        self, name: str, documents: Sequence[Document], embedder: Embeds, dimensions: int, chars: int, overlap: int
+    ) -> tuple[UpsertOutcome, Collection]:
+        """Upsert into the collection, creating it (with these documents in it) when it does not exist."""
+        if self._path(name).is_file():
+            collection = self.get(name)
+            return collection.upsert(documents, embedder, chars, overlap), collection
+        with self._creating:
+            if self._path(name).is_file():  # another request created it meanwhile
+                collection = self.get(name)
+                return collection.upsert(documents, embedder, chars, overlap), collection
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = self.root / f"{staging_prefix(CREATING)}{name}{SUFFIX}"
+            building = Collection(name, staging, embedder.identity, dimensions)
+            try:
+                outcome = building.upsert(documents, embedder, chars, overlap)
+            except BaseException:
+                building.close()
+                for path in _files(staging):
+                    path.unlink(missing_ok=True)
+                raise
+            building.close()  # the last connection's close folds the write-ahead log into the one file
+            os.rename(staging, self._path(name))
+            sync_folder(self.root)
+        return outcome, self.get(name)
 
     def drop(self, name: str) -> None:
         collection = self.get(name)

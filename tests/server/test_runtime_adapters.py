@@ -221,7 +221,7 @@ def test_an_unreachable_s3_endpoint_is_retried_then_reported(
         "AWS_SECRET_ACCESS_KEY": "t",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}",
-        "AWS_MAX_ATTEMPTS": "2",
+        "LORASERVE_S3_MAX_ATTEMPTS": "2",
     }.items():
         monkeypatch.setenv(name, value)
     config = replace(tiny_model_config, adapter_buckets=("b",), model_cache=str(tmp_path / "cache"))

@@ -1,6 +1,6 @@
 """CollectionService and RagQuery over stored collections, through gRPC: upsert, list, delete; answers that cite
 real sources; limits published in ModelInfo and enforced; a changed embedding model detected; collections that
-survive a restart and a kill -9."""
+survive a restart and a kill -9, including one in the middle of writing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,8 @@ import pytest
 from loraserve.client import Client, LoraserveRpcError
 from loraserve.server.retrieval.documents import Document
 from loraserve.server.retrieval.store import CollectionStore
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
 LORASERVE = [sys.executable, "-m", "loraserve.cli"]
 KNOWLEDGE = [
@@ -178,6 +182,84 @@ def test_an_acknowledged_upsert_survives_kill_9(
         timeout=60,
     )
     assert listed.returncode == 1 and "UNAVAILABLE" in listed.stderr  # the killed server is really gone
+
+
+BIG_UPSERT = 20_000  # documents of one text: embedded once, then 20,000 rows and 30 MB of vectors to write
+
+
+def serve_collections(tiny_model_dir: Path, store: Path, port: int) -> subprocess.Popen:
+    model = ["--model", str(tiny_model_dir), "--device", "cpu", "--kv-cache-memory", "64MB"]
+    listen = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--rag-store", str(store)]
+    limits = ["--max-upsert-documents", str(BIG_UPSERT)]
+    command = [*LORASERVE, "serve", *model, *listen, *limits]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_during_upsert(process: subprocess.Popen, port: int, collection: str, mid_write: Callable[[], bool]) -> None:
+    """Send a big upsert, kill -9 the server once `mid_write` says the write is under way, and check that the call
+    never succeeded."""
+    documents = [
+        pb.Document(id=f"big-{i}", text="Ships carried printed books to every port.") for i in range(BIG_UPSERT)
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.CollectionServiceStub(channel)
+        call = stub.UpsertDocuments.future(
+            pb.UpsertDocumentsRequest(collection=collection, documents=documents), timeout=120
+        )
+        end = time.monotonic() + 120
+        while not mid_write() and not call.done() and time.monotonic() < end:
+            time.sleep(0.002)
+        assert not call.done(), "the upsert finished before the write could be interrupted"
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        assert call.exception(timeout=30).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_kill_9_while_a_new_collection_is_written_leaves_no_collection_and_the_next_upsert_succeeds(
+    tiny_model_dir: Path, tmp_path: Path, free_port, wait_for_health, start_server
+) -> None:
+    port, store = free_port(), tmp_path / "store"
+    process = serve_collections(tiny_model_dir, store, port)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            wait_for_health(client, "SERVING", process)
+        kill_during_upsert(process, port, "fresh", lambda: any(store.glob(".creating-*")))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert list(store.glob(".creating-*"))  # what the killed process was building is still on disk ...
+    restarted = start_server(rag_options={"rag_store": str(store)})
+    assert list(store.glob(".creating-*")) == []  # ... until the store opens again
+    assert restarted.client.list_collections() == []
+    outcome = restarted.client.upsert_documents("fresh", KNOWLEDGE)
+    assert outcome.collection.document_count == 3
+    assert [c.name for c in restarted.client.list_collections()] == ["fresh"]
+
+
+def test_kill_9_in_the_middle_of_an_upsert_keeps_the_collection_as_it_was(
+    tiny_model_dir: Path, tmp_path: Path, free_port, wait_for_health, start_server
+) -> None:
+    port, store = free_port(), tmp_path / "store"
+    process = serve_collections(tiny_model_dir, store, port)
+    wal = store / "kept.sqlite-wal"
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            wait_for_health(client, "SERVING", process)
+            client.upsert_documents("kept", KNOWLEDGE)
+            client.upsert_documents("kept", [{"id": "extra", "text": "Venice printed more books than Paris."}])
+            logged = wal.stat().st_size
+        # SQLite spills a transaction larger than its page cache into the log before the commit: the log growing
+        # by a megabyte means the big transaction is being written.
+        kill_during_upsert(process, port, "kept", lambda: wal.stat().st_size > logged + (1 << 20))
+    finally:
+        if process.poll() is None:
+            process.kill()
+    restarted = start_server(rag_options={"rag_store": str(store)})
+    [info] = restarted.client.list_collections()
+    assert (info.name, info.document_count, info.passage_count) == ("kept", 4, 5)
+    answer = restarted.client.rag_query("Which city printed more books?", collection="kept", max_new_tokens=2)
+    assert answer.sources[0].document_id == "extra"
+    assert restarted.client.upsert_documents("kept", KNOWLEDGE[:1]).collection.document_count == 4
 
 
 def test_the_collections_commands(tiny_server, tmp_path: Path) -> None:

@@ -1,0 +1,458 @@
+"""Soak: many clients send a fixed number of mixed requests to one `loraserve serve` process, in two identical rounds,
+and every call must end with the status its case expects.
+
+The mix: unary and streamed generations of random lengths (base model and adapters), streams cancelled at a random
+chunk, streams whose deadline expires mid-stream, RagQuery over a stored collection, Tokenize, requests to an adapter
+that a churn thread loads and unloads all the while, and a share of bad requests, each with the status it must get.
+After each round the server must be idle (no active or queued request, no KV block in use); the second round's
+resident memory may grow at most --max-rss-growth over the first's. The run prints p50/p99 latency per case and the
+count per status, writes them as JSON, and exits 1 when a check fails.
+
+    .venv/bin/python bench/soak.py --requests 2000 --clients 16           # the default model
+    .venv/bin/python bench/soak.py --model /path/to/tiny --requests 300 --max-seconds 25 --out /tmp/soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from loraserve.v1 import inference_pb2 as pb
+from loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+from common import CORPUS, machine, make_adapters, percentile
+from load import free_port, start_server
+
+OK = grpc.StatusCode.OK
+COLLECTION = "soak"
+CHURN_ADAPTER = "churn"
+# Statuses no call may ever end with: they mean the server failed, not the request.
+NEVER = {"UNKNOWN", "INTERNAL", "DATA_LOSS", "UNIMPLEMENTED"}
+# How long the server may take to become idle after a round (cancellations take effect at the next step).
+IDLE_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One call as the client saw it."""
+
+    case: str
+    code: str
+    seconds: float
+    expected: bool
+    detail: str = ""
+
+
+@dataclass
+class Stubs:
+    inference: pb_grpc.InferenceServiceStub
+    adapters: pb_grpc.AdapterServiceStub
+    channel: grpc.Channel
+
+
+def timed(case: str, expected: set[grpc.StatusCode], call: Callable[[], str]) -> Outcome:
+    """Run one call; `call` returns a problem found in a successful answer ("" when there is none)."""
+    start = time.perf_counter()
+    try:
+        problem = call()
+        code = OK
+    except grpc.RpcError as error:
+        code, problem = error.code(), ""
+        detail = error.details() or ""
+    else:
+        detail = problem
+    seconds = time.perf_counter() - start
+    return Outcome(case, code.name, seconds, code in expected and not problem, detail[:200])
+
+
+def stopping(rng: random.Random, most: int) -> pb.StoppingCriteria:
+    return pb.StoppingCriteria(max_new_tokens=rng.randint(1, most))
+
+
+def prompt(rng: random.Random) -> str:
+    start = rng.randrange(0, len(CORPUS) - 200)
+    return CORPUS[start : start + rng.randint(20, 200)]
+
+
+def finished_with_reason(responses: list[pb.GenerateStreamResponse]) -> str:
+    if not responses or responses[-1].stop_reason == pb.STOP_REASON_UNSPECIFIED:
+        return "a stream ended without a stop reason"
+    return ""
+
+
+class Mix:
+    """The request cases; each takes its random numbers from the caller's generator, so a round repeats exactly."""
+
+    def __init__(self, stubs: Stubs, adapters: list[str], most_tokens: int, max_sequence: int) -> None:
+        self.stubs = stubs
+        self.adapters = adapters
+        self.most_tokens = most_tokens
+        self.max_sequence = max_sequence
+        self.cases: list[tuple[str, float, Callable[[random.Random], Outcome]]] = [
+            ("generate", 0.18, self.generate),
+            ("stream", 0.16, self.stream),
+            ("stream_cancelled", 0.10, self.stream_cancelled),
+            ("stream_deadline", 0.10, self.stream_deadline),
+            ("rag_query", 0.10, self.rag_query),
+            ("tokenize", 0.10, self.tokenize),
+            ("churn_adapter", 0.06, self.churn_adapter),
+            ("bad_request", 0.10, self.bad_request),
+            ("adapter_generate", 0.10, self.adapter_generate),
+        ]
+
+    def pick(self, rng: random.Random) -> Callable[[random.Random], Outcome]:
+        names = [c[2] for c in self.cases]
+        return rng.choices(names, weights=[c[1] for c in self.cases])[0]
+
+    def generate(self, rng: random.Random, adapter: str = "", case: str = "generate") -> Outcome:
+        request = pb.GenerateRequest(
+            prompt=prompt(rng),
+            adapter_id=adapter,
+            sampling=pb.SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(1 << 30)),
+            stopping=stopping(rng, self.most_tokens),
+        )
+
+        def call() -> str:
+            response = self.stubs.inference.Generate(request, timeout=120)
+            return "" if response.stop_reason != pb.STOP_REASON_UNSPECIFIED else "no stop reason"
+
+        return timed(case, {OK}, call)
+
+    def adapter_generate(self, rng: random.Random) -> Outcome:
+        return self.generate(rng, rng.choice(self.adapters), "adapter_generate")
+
+    def stream(self, rng: random.Random) -> Outcome:
+        request = pb.GenerateStreamRequest(prompt=prompt(rng), stopping=stopping(rng, self.most_tokens))
+        return timed(
+            "stream",
+            {OK},
+            lambda: finished_with_reason(list(self.stubs.inference.GenerateStream(request, timeout=120))),
+        )
+
+    def stream_cancelled(self, rng: random.Random) -> Outcome:
+        request = pb.GenerateStreamRequest(
+            prompt=prompt(rng), stopping=pb.StoppingCriteria(max_new_tokens=self.most_tokens)
+        )
+        after = rng.randint(0, 8)
+
+        def call() -> str:
+            responses = self.stubs.inference.GenerateStream(request, timeout=120)
+            for i, response in enumerate(responses):
+                if i == after:
+                    responses.cancel()
+                if response.stop_reason != pb.STOP_REASON_UNSPECIFIED:
+                    return ""  # finished before the cancel
+            return ""
+
+        # CANCELLED is the client's own status; OK when the stream finished before the chosen chunk.
+        return timed("stream_cancelled", {grpc.StatusCode.CANCELLED, OK}, call)
+
+    def stream_deadline(self, rng: random.Random) -> Outcome:
+        request = pb.GenerateStreamRequest(
+            prompt=prompt(rng), stopping=pb.StoppingCriteria(max_new_tokens=self.most_tokens)
+        )
+        deadline = rng.uniform(0.05, 1.5)
+        return timed(
+            "stream_deadline",
+            {grpc.StatusCode.DEADLINE_EXCEEDED, OK},
+            lambda: finished_with_reason(list(self.stubs.inference.GenerateStream(request, timeout=deadline))),
+        )
+
+    def rag_query(self, rng: random.Random) -> Outcome:
+        request = pb.RagQueryRequest(
+            query=rng.choice(["How did printing change literacy?", "What did printers in Venice make?"]),
+            collection=COLLECTION,
+            top_k=2,
+            stopping=stopping(rng, self.most_tokens),
+        )
+
+        def call() -> str:
+            response = self.stubs.inference.RagQuery(request, timeout=120)
+            return "" if response.sources else "RagQuery found no source"
+
+        return timed("rag_query", {OK}, call)
+
+    def tokenize(self, rng: random.Random) -> Outcome:
+        text = prompt(rng)
+
+        def call() -> str:
+            response = self.stubs.inference.Tokenize(pb.TokenizeRequest(text=text), timeout=30)
+            return "" if response.token_count > 0 else "no tokens"
+
+        return timed("tokenize", {OK}, call)
+
+    def churn_adapter(self, rng: random.Random) -> Outcome:
+        # The churn thread loads and unloads it all the while: NOT_FOUND when it is away is the right answer.
+        outcome = self.generate(rng, CHURN_ADAPTER, "churn_adapter")
+        if outcome.code == "NOT_FOUND":
+            return Outcome(outcome.case, outcome.code, outcome.seconds, True, outcome.detail)
+        return outcome
+
+    def bad_request(self, rng: random.Random) -> Outcome:
+        inference = self.stubs.inference
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        too_long = " ".join(["word"] * (self.max_sequence * 2))
+        bad: list[tuple[set[grpc.StatusCode], Callable[[], object]]] = [
+            ({invalid}, lambda: inference.Generate(pb.GenerateRequest(), timeout=30)),
+            (
+                {grpc.StatusCode.NOT_FOUND},
+                lambda: inference.Generate(pb.GenerateRequest(prompt="hi", adapter_id="nope"), timeout=30),
+            ),
+            (
+                {invalid},
+                lambda: inference.Generate(
+                    pb.GenerateRequest(prompt="hi", stopping=pb.StoppingCriteria(max_new_tokens=10**8)), timeout=30
+                ),
+            ),
+            (
+                {invalid},
+                lambda: inference.Generate(
+                    pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1.0)), timeout=30
+                ),
+            ),
+            ({invalid}, lambda: list(inference.GenerateStream(pb.GenerateStreamRequest(prompt=too_long), timeout=30))),
+            (
+                {grpc.StatusCode.NOT_FOUND},
+                lambda: inference.RagQuery(pb.RagQueryRequest(query="q", collection="missing"), timeout=30),
+            ),
+            (
+                {grpc.StatusCode.PERMISSION_DENIED},
+                lambda: self.stubs.adapters.LoadAdapter(
+                    pb.LoadAdapterRequest(adapter_id="escape", source="../outside"), timeout=30
+                ),
+            ),
+            ({invalid}, lambda: self.raw_tokenize(b"\x0a\x02\xff\xfe")),  # TokenizeRequest.text, not UTF-8
+        ]
+        index = rng.randrange(len(bad))
+        expected, call = bad[index]
+
+        def run() -> str:
+            call()
+            return f"bad request {index} succeeded"
+
+        return timed(f"bad_request_{index}", expected, run)
+
+    def raw_tokenize(self, payload: bytes) -> object:
+        method = self.stubs.channel.unary_unary(
+            "/loraserve.v1.InferenceService/Tokenize", request_serializer=None, response_deserializer=None
+        )
+        return method(payload, timeout=30)
+
+
+def churn(stubs: Stubs, source: str, stop: threading.Event, outcomes: list[Outcome]) -> None:
+    """Load and unload one adapter over and over while traffic runs; each call must succeed."""
+    while not stop.is_set():
+        outcomes.append(
+            timed(
+                "load_adapter",
+                {OK},
+                lambda: (
+                    bool(
+                        stubs.adapters.LoadAdapter(
+                            pb.LoadAdapterRequest(adapter_id=CHURN_ADAPTER, source=source), timeout=60
+                        )
+                    )
+                    and ""
+                ),
+            )
+        )
+        stop.wait(0.3)
+        outcomes.append(
+            timed(
+                "unload_adapter",
+                {OK},
+                lambda: (
+                    bool(stubs.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=CHURN_ADAPTER), timeout=60))
+                    and ""
+                ),
+            )
+        )
+        stop.wait(0.2)
+
+
+def run_round(stubs: Stubs, mix: Mix, args: argparse.Namespace, churn_source: str) -> tuple[list[Outcome], float]:
+    rng = random.Random(args.seed)
+    plans = [(mix.pick(rng), random.Random(rng.randrange(1 << 30))) for _ in range(args.requests)]
+    outcomes: list[Outcome] = []
+    churn_outcomes: list[Outcome] = []
+    stop = threading.Event()
+    churner = threading.Thread(target=churn, args=(stubs, churn_source, stop, churn_outcomes), daemon=True)
+    end = time.monotonic() + args.max_seconds
+    start = time.perf_counter()
+    churner.start()
+    with ThreadPoolExecutor(args.clients) as pool:
+        results = [pool.submit(lambda p=plan: p[0](p[1]) if time.monotonic() < end else None) for plan in plans]
+        outcomes = [r for r in (f.result() for f in results) if r is not None]
+    stop.set()
+    churner.join(timeout=120)
+    return outcomes + churn_outcomes, time.perf_counter() - start
+
+
+def wait_idle(stubs: Stubs) -> pb.ServerStats:
+    end = time.monotonic() + IDLE_WAIT_S
+    while True:
+        stats = stubs.inference.ModelInfo(pb.ModelInfoRequest(), timeout=30).stats
+        idle = stats.active_requests == 0 and stats.queued_requests == 0 and stats.kv_cache_used_blocks == 0
+        if idle or time.monotonic() > end:
+            return stats
+        time.sleep(0.1)
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/PID/status")
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, object]:
+    by_case: dict[str, list[float]] = defaultdict(list)
+    for o in outcomes:
+        by_case[o.case.split("_", 2)[0] + "_request" if o.case.startswith("bad_request") else o.case].append(o.seconds)
+    return {
+        "calls": len(outcomes),
+        "statuses": dict(Counter(o.code for o in outcomes).most_common()),
+        "latency_s": {
+            case: {"calls": len(s), "p50": round(percentile(s, 50), 4), "p99": round(percentile(s, 99), 4)}
+            for case, s in sorted(by_case.items())
+        },
+        "unexpected": [asdict(o) for o in outcomes if not o.expected][:50],
+        "unexpected_count": sum(not o.expected for o in outcomes),
+    }
+
+
+def prepare(stubs: Stubs) -> None:
+    """The collection RagQuery reads (one upsert; later runs reuse it)."""
+    paragraphs = [p.strip() + "." for p in CORPUS.split(". ") if p.strip()]
+    documents = [pb.Document(id=f"doc-{i}", text=p) for i, p in enumerate(paragraphs)]
+    collections = pb_grpc.CollectionServiceStub(stubs.channel)
+    collections.UpsertDocuments(pb.UpsertDocumentsRequest(collection=COLLECTION, documents=documents), timeout=300)
+
+
+def print_table(rounds: list[dict[str, object]]) -> None:
+    info = machine()
+    print(f"machine: {info['cpu']} ({info['cpu_cores']} cores); flags: {info['cpu_flags']}")
+    for n, summary in enumerate(rounds, start=1):
+        print(f"\nround {n}: {summary['calls']} calls in {summary['seconds']} s; statuses {summary['statuses']}")
+        print(f"{'case':<20} {'calls':>6} {'p50 ms':>9} {'p99 ms':>9}")
+        for case, row in summary["latency_s"].items():  # type: ignore[union-attr]
+            print(f"{case:<20} {row['calls']:>6} {1000 * row['p50']:>9.1f} {1000 * row['p99']:>9.1f}")
+        print(f"resident memory after the round: {summary['rss_mib']} MiB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", default="default", help="model to serve (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--model-cache", default=os.environ.get("LORASERVE_MODEL_CACHE", "~/.cache/loraserve/models"))
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per round")
+    parser.add_argument("--max-seconds", type=float, default=600, help="a round stops sending after this long")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="longest generation asked for")
+    parser.add_argument("--max-sequence-length", type=int, default=512)
+    parser.add_argument("--kv-cache-memory", default="auto", help="the server's --kv-cache-memory")
+    parser.add_argument("--adapters", type=int, default=2, help="adapters loaded at start (plus one churned)")
+    parser.add_argument("--adapter-targets", nargs="+", default=["q_proj", "v_proj"])
+    parser.add_argument("--max-rss-growth", type=float, default=0.05, help="allowed growth of round 2 over round 1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="loraserve-soak-"))
+    from loraserve.server.models.loading import resolve_model_folder
+
+    folder, _ = resolve_model_folder(args.model, Path(args.model_cache).expanduser())
+    print(f"making {args.adapters + 1} adapters for {folder}", flush=True)
+    adapters = make_adapters(folder, work / "adapters", args.adapters + 1, 4, args.adapter_targets)
+    port = free_port()
+    server_args = argparse.Namespace(model=args.model, levels=[args.clients], dtype=args.dtype)
+    server = start_server(
+        server_args,
+        adapters[:-1],
+        port,
+        "--adapter-root",
+        str(work / "adapters"),
+        "--max-adapters",
+        str(args.adapters + 2),
+        "--rag-store",
+        str(work / "collections"),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--default-max-new-tokens",
+        str(args.max_new_tokens),
+        "--max-sequence-length",
+        str(args.max_sequence_length),
+        "--max-queued-requests",
+        str(4 * args.clients),
+        "--metrics-port",
+        "0",
+        "--kv-cache-memory",
+        args.kv_cache_memory,
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stubs = Stubs(pb_grpc.InferenceServiceStub(channel), pb_grpc.AdapterServiceStub(channel), channel)
+    mix = Mix(stubs, [f"a{i}" for i in range(args.adapters)], args.max_new_tokens, args.max_sequence_length)
+    rounds: list[dict[str, object]] = []
+    failures: list[str] = []
+    try:
+        prepare(stubs)
+        for n in (1, 2):
+            print(f"round {n}: {args.requests} requests from {args.clients} clients", flush=True)
+            outcomes, seconds = run_round(stubs, mix, args, adapters[-1].name)
+            stats = wait_idle(stubs)
+            summary = summarize(outcomes) | {"seconds": round(seconds, 1)}
+            summary["rss_mib"] = round(resident_bytes(server.pid) / 2**20, 1)
+            summary["idle_after"] = {
+                "active_requests": stats.active_requests,
+                "queued_requests": stats.queued_requests,
+                "kv_cache_used_blocks": stats.kv_cache_used_blocks,
+            }
+            rounds.append(summary)
+            if summary["unexpected_count"]:
+                failures.append(f"round {n}: {summary['unexpected_count']} calls ended unexpectedly")
+            if NEVER & set(summary["statuses"]):  # type: ignore[arg-type]
+                failures.append(f"round {n}: statuses {sorted(NEVER & set(summary['statuses']))}")
+            if any(summary["idle_after"].values()):  # type: ignore[union-attr]
+                failures.append(f"round {n}: not idle after the round: {summary['idle_after']}")
+        growth = rounds[1]["rss_mib"] / rounds[0]["rss_mib"] - 1  # type: ignore[operator]
+        if growth > args.max_rss_growth:
+            failures.append(f"resident memory grew {growth:.1%} from round 1 to round 2")
+        health = channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
+        if health != b"\x08\x01":  # HealthCheckResponse(status=SERVING)
+            failures.append("the server is not SERVING after the soak")
+    finally:
+        channel.close()
+        server.terminate()
+        server.wait(timeout=60)
+    print_table(rounds)
+    result = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "rounds": rounds,
+        "rss_growth": round(growth, 4),
+        "failures": failures,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nresident memory growth, round 2 over round 1: {growth:+.1%}")
+    print("\n".join(["FAILED:", *failures]) if failures else "all checks passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
