@@ -4,7 +4,7 @@
 #   make serve     set up .venv and run the server on the default model (SmolLM2-135M-Instruct): gRPC on port 50051,
 #                  the OpenAI-compatible HTTP API on port 8000
 #   make test      set up .venv and node_modules, lint, and run the whole test suite (what CI runs)
-#   make train-demo   validate the example data, fine-tune the default model on it (CPU, ~2 minutes), serve the adapter
+#   make train-demo   validate the example data, fine-tune the default model on it (CPU, ~1.5 minutes), serve the adapter
 #   make protos    regenerate loraserve/v1 after editing protos/
 #   make release-protos   record the current contract as released (buf breaking checks against it)
 
@@ -51,8 +51,11 @@ lint: $(PY_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers (pytest-xdist): many tests wait on servers and subprocesses, so two keep a 2-core machine busy. Each
+# test file stays on one worker (the servers a file shares start once), in collection order: tests/conftest.py puts
+# the longest files first, so the run does not end with one worker alone on the training demo.
 test: $(PY_STAMP) $(NODE_STAMP) lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 protos: $(PY_STAMP)
 	$(BIN)/python scripts/generate_protos.py

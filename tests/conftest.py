@@ -18,6 +18,36 @@ from loraserve.config import EngineConfig, ModelConfig, RagConfig, ServerConfig
 TINY_ADAPTERS = {"alpha": 4, "beta": 8}  # id -> rank: adapters of different ranks coexist
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker (and every server or script it starts) gets its share of the cores for torch's
+    threads: two workers of two threads each on a 2-core machine would spend their time switching."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, threads)
+
+
+# The longest test files, longest first: collected first, they start first on the xdist workers, so that the suite
+# does not end with one worker still training while the other waits.
+LONGEST_FIRST = (
+    "tests/test_demo.py",
+    "tests/test_bench.py",
+    "tests/server/test_fuzz.py",
+    "tests/test_cli.py",
+    "tests/test_soak.py",
+    "tests/test_chaos.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def model_cache_dir() -> Path:
     """Where the default model's safetensors conversion is cached (the server's own default unless overridden)."""
@@ -202,16 +232,14 @@ def default_server(model_cache_dir: Path) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
+def s3_endpoint(free_port: Callable[[], int]) -> Iterator[str]:
     """moto's standalone S3 server on a free 127.0.0.1 port, for boto3 over real HTTP."""
     import socket
     import subprocess
     import sys
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -372,16 +400,33 @@ def embedder():
     model.close()
 
 
+# Ports the tests hand out: below the kernel's ephemeral range (where bind(0) and outgoing connections take theirs),
+# a block of its own for each pytest-xdist worker, each port handed out once. So no two tests, and no two workers,
+# ever pick the same port, and a port picked to stay closed stays closed.
+PORT_BASE = 20_000
+PORTS_PER_WORKER = 1_000
+
+
 @pytest.fixture(scope="session")
-def free_port() -> Callable[[], int]:
-    """A function that picks a free 127.0.0.1 port."""
+def free_port(worker_id: str) -> Callable[[], int]:
+    """A function that hands out a free 127.0.0.1 port no other test of this run gets."""
+    import itertools
+    import socket
+
+    worker = int(worker_id.removeprefix("gw")) if worker_id.startswith("gw") else 0
+    first = PORT_BASE + worker * PORTS_PER_WORKER
+    candidates = itertools.count(first)
 
     def pick() -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        for port in candidates:
+            assert port < first + PORTS_PER_WORKER, "this worker used up its block of ports"
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:  # something outside the tests has it
+                    continue
+            return port
+        raise AssertionError("unreachable")
 
     return pick
 

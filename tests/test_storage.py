@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +77,8 @@ def test_incomplete_uploads_missing_versions_and_changed_folders_are_refused(buc
         push(tmp_path, location)
 
 
-def test_an_unreachable_endpoint_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+def test_an_unreachable_endpoint_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_port) -> None:
+    closed = free_port()  # no server of this run will listen there
     for name, value in {
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",

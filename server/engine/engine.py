@@ -536,8 +536,9 @@ class Engine:
             self._running, self._by_id = [], {}
             self._waiting.clear()
             self._cond.notify_all()
+        # Health first: a client told UNAVAILABLE that checks health at once must already see NOT_SERVING.
+        if self._on_failure is not None:
+            self._on_failure(error)
         for sequence in pending:
             sequence.fail(Unavailable("the engine stopped; the server is unhealthy"))
         self.adapters.fail_pending(Unavailable("the engine stopped; the server is unhealthy"))
-        if self._on_failure is not None:
-            self._on_failure(error)

@@ -116,11 +116,24 @@ class Frame:
             },
         )
 
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if self.api.telemetry is not None and not recorded:
+                recorded = True
+                path = request.url.path
+                code = getattr(request.state, "status", "OK")
+                seconds = time.monotonic() - started
+                self.api.telemetry.rpc_finished(ROUTE_NAMES.get(path, path), code, seconds, protocol="http")
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 if REQUEST_ID_HEADER not in headers:
                     headers.append(REQUEST_ID_HEADER, request_id)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()  # before the last byte leaves: a client that has its answer finds it counted
             await send(message)
 
         try:
@@ -130,11 +143,7 @@ class Frame:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
-            if self.api.telemetry is not None:
-                path = request.url.path
-                code = getattr(request.state, "status", "OK")
-                seconds = time.monotonic() - started
-                self.api.telemetry.rpc_finished(ROUTE_NAMES.get(path, path), code, seconds, protocol="http")
+            record()  # a response that never finished (the client went away) counts too
 
 
 class HttpApi:

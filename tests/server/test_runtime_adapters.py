@@ -209,13 +209,9 @@ def test_a_corrupted_s3_adapter_is_refused_and_the_server_keeps_serving(
 
 
 def test_an_unreachable_s3_endpoint_is_retried_then_reported(
-    start_server, tiny_model_config, tmp_path, monkeypatch
+    start_server, tiny_model_config, tmp_path, monkeypatch, free_port
 ) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # no server of this run will listen there
     for name, value in {
         "AWS_ACCESS_KEY_ID": "t",
         "AWS_SECRET_ACCESS_KEY": "t",
