@@ -15,7 +15,7 @@ NEVER = {"UNKNOWN", "INTERNAL", "DATA_LOSS", "UNIMPLEMENTED"}
 def test_mixed_traffic_ends_every_call_as_expected_and_leaves_the_server_idle(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    options = ["--requests", "600", "--max-seconds", "20", "--clients", "8", "--max-new-tokens", "32"]
+    options = ["--requests", "3000", "--max-seconds", "30", "--clients", "8", "--max-new-tokens", "32"]
     options += ["--max-sequence-length", "256", "--kv-cache-memory", "64MB"]
     command = [sys.executable, "bench/soak.py", "--model", str(tiny_model_dir), *options, "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
