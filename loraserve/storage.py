@@ -123,7 +123,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _call(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run an S3 call; turn botocore's errors into StorageError naming what was being done."""
+    """Run an S3 call; turn its errors (S3 refusals, retries run out, a full local disk) into StorageError naming
+    what was being done."""
     from boto3.exceptions import RetriesExceededError  # what download_file raises when its retries run out
     from botocore.exceptions import BotoCoreError, ClientError
 

@@ -415,26 +415,29 @@ class CollectionStore:
         self, name: str, documents: Sequence[Document], embedder: Embeds, dimensions: int, chars: int, overlap: int
     ) -> tuple[UpsertOutcome, Collection]:
         """Upsert into the collection, creating it (with these documents in it) when it does not exist."""
-        if self._path(name).is_file():
-            collection = self.get(name)
-            return collection.upsert(documents, embedder, chars, overlap), collection
-        with self._creating:
-            if self._path(name).is_file():  # another request created it meanwhile
-                collection = self.get(name)
-                return collection.upsert(documents, embedder, chars, overlap), collection
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = self.root / f"{staging_prefix(CREATING)}{name}{SUFFIX}"
-            building = Collection(name, staging, embedder.identity, dimensions)
-            try:
-                outcome = building.upsert(documents, embedder, chars, overlap)
-            except BaseException:
-                building.close()
-                for path in _files(staging):
-                    path.unlink(missing_ok=True)
-                raise
-            building.close()  # the last connection's close folds the write-ahead log into the one file
-            os.rename(staging, self._path(name))
-            sync_folder(self.root)
+        if not self._path(name).is_file():
+            with self._creating:
+                if not self._path(name).is_file():  # no other request created it meanwhile
+                    return self._create(name, documents, embedder, dimensions, chars, overlap)
+        collection = self.get(name)
+        return collection.upsert(documents, embedder, chars, overlap), collection
+
+    def _create(
+        self, name: str, documents: Sequence[Document], embedder: Embeds, dimensions: int, chars: int, overlap: int
+    ) -> tuple[UpsertOutcome, Collection]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f"{staging_prefix(CREATING)}{name}{SUFFIX}"
+        building = Collection(name, staging, embedder.identity, dimensions)
+        try:
+            outcome = building.upsert(documents, embedder, chars, overlap)
+        except BaseException:
+            building.close()
+            for path in _files(staging):
+                path.unlink(missing_ok=True)
+            raise
+        building.close()  # the last connection's close folds the write-ahead log into the one file
+        os.rename(staging, self._path(name))
+        sync_folder(self.root)
         return outcome, self.get(name)
 
     def drop(self, name: str) -> None:
