@@ -51,11 +51,13 @@ lint: $(PY_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two workers (pytest-xdist): many tests wait on servers and subprocesses, so two keep a 2-core machine busy. Each
-# test file stays on one worker (the servers a file shares start once), in collection order: tests/conftest.py puts
-# the longest files first, so the run does not end with one worker alone on the training demo.
+# One pytest-xdist worker per core and one more (at most 6): many tests wait on servers, subprocesses and deadlines,
+# and the extra worker uses the cores meanwhile (on 2 cores, 3 workers took 7:01 where 2 took 9:44). Each test file
+# stays on one worker (the servers a file shares start once), in collection order: tests/conftest.py puts the longest
+# files first, so the run does not end with one worker alone on the training demo.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n + 1 < 6 ? n + 1 : 6 )))
 test: $(PY_STAMP) $(NODE_STAMP) lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 protos: $(PY_STAMP)
 	$(BIN)/python scripts/generate_protos.py

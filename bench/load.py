@@ -70,6 +70,8 @@ def start_server(args: argparse.Namespace, adapters: list[Path], port: int, *ext
         "127.0.0.1",
         "--port",
         str(port),
+        "--metrics-port",
+        "0",
         "--max-batch-size",
         str(max(args.levels)),
         "--max-queued-requests",

@@ -65,9 +65,11 @@ def compact(value: object) -> str:
 
 
 class Rows:
-    """The documents' tokens and each row's position in its document (rows start at different positions)."""
+    """The documents' tokens and each row's position in its document (rows start at different positions). Row i
+    follows schema i % len(schemas)."""
 
     def __init__(self, tokenizer, corpus: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
+        self.schemas = corpus[:BATCH]  # compiled once each
         self.entries = [corpus[i % len(corpus)] for i in range(BATCH)]
         self.docs = [tokenizer.encode(compact(e["example"]), add_special_tokens=False) for e in self.entries]
         self.start = [i % len(d) for i, d in enumerate(self.docs)]
@@ -119,7 +121,7 @@ def bench_llguidance(tokenizer, vocab: int, eos: int, rows: Rows, steps: int) ->
     compiler.compile(OutputConstraint(ConstraintKind.JSON_OBJECT))  # builds the tokenizer's trie once, untimed
     _, compile_s = timed_compile(
         lambda schema: compiler.compile(OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))),
-        rows.entries,
+        rows.schemas,
     )
 
     def fresh(i: int) -> RowConstraint:
@@ -154,13 +156,13 @@ def bench_xgrammar(tokenizer, vocab: int, rows: Rows, steps: int) -> list[dict[s
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     compiled, compile_s = timed_compile(
         lambda schema: compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":")),
-        rows.entries,
+        rows.schemas,
     )
     bitmask = xgr.allocate_token_bitmask(BATCH, vocab)
     batch = xgr.BatchGrammarMatcher(max_threads=torch.get_num_threads())
 
     def fresh(i: int) -> Any:
-        return xgr.GrammarMatcher(compiled[i] or compiler.compile_builtin_json_grammar())
+        return xgr.GrammarMatcher(compiled[i % len(compiled)] or compiler.compile_builtin_json_grammar())
 
     def serial(matchers: list[Any]) -> None:
         for j, matcher in enumerate(matchers):
@@ -194,7 +196,7 @@ def bench_outlines(tokenizer, vocab: int, eos: int, rows: Rows, steps: int) -> l
     vocabulary = Vocabulary(eos, tokens)
     indices, compile_s = timed_compile(
         lambda schema: Index(build_regex_from_schema(json.dumps(schema), whitespace_pattern=""), vocabulary),
-        rows.entries,
+        rows.schemas,
     )
     fallback = next(index for index in indices if index is not None)
     bitmask = allocate_token_bitmask(vocab)
@@ -210,7 +212,7 @@ def bench_outlines(tokenizer, vocab: int, eos: int, rows: Rows, steps: int) -> l
             return False
         return True
 
-    measured = measure_steps(rows, steps, lambda i: Guide(indices[i] or fallback), masks, advance)
+    measured = measure_steps(rows, steps, lambda i: Guide(indices[i % len(indices)] or fallback), masks, advance)
     return [result("outlines-core, row by row", measured, compile_s)]
 
 
@@ -228,7 +230,7 @@ def measure_libraries(args: argparse.Namespace, folder: Path) -> list[dict[str, 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     vocab = AutoConfig.from_pretrained(folder).vocab_size
     eos = tokenizer.eos_token_id
-    rows = Rows(tokenizer, load_corpus())
+    rows = Rows(tokenizer, load_corpus()[: args.schemas])
     print(f"token masks: {BATCH} rows, {args.mask_steps} steps, vocabulary {vocab} ...", flush=True)
     return (
         bench_llguidance(tokenizer, vocab, eos, rows, args.mask_steps)
@@ -286,6 +288,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="engine runs of each kind; the medians are compared")
     parser.add_argument("--mask-steps", type=int, default=64, help="batch mask steps per library")
+    parser.add_argument(
+        "--schemas", type=int, default=None, help="use the corpus's first N schemas (default: all); the rows cycle"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for the JSON")
     args = parser.parse_args()
     args.levels = [BATCH]  # load.start_server sizes the batch from it

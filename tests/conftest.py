@@ -20,7 +20,7 @@ TINY_ADAPTERS = {"alpha": 4, "beta": 8}  # id -> rank: adapters of different ran
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker (and every server or script it starts) gets its share of the cores for torch's
-    threads: two workers of two threads each on a 2-core machine would spend their time switching."""
+    threads (at least one): workers of two threads each on a 2-core machine would spend their time switching."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = str(max(1, (os.cpu_count() or 1) // workers))
@@ -138,6 +138,9 @@ def tiny_model_config(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> Mo
 
 
 ServerFactory = Callable[..., "RunningServer"]
+# The KV cache of the tests' servers on the default model: 11,000 tokens, more than its 8,192-token context, instead
+# of the automatic 2 GiB that every one of them would allocate and zero.
+DEFAULT_MODEL_TEST_KV = "512MB"
 
 
 class RunningServer:
@@ -226,7 +229,7 @@ def tiny_http_server(tiny_model_config: ModelConfig, free_port: Callable[[], int
 def default_server(model_cache_dir: Path) -> Iterator[RunningServer]:
     """A server on the real default model (SmolLM2-135M-Instruct), converted once into the model cache."""
     config = ModelConfig(model="default", model_cache=str(model_cache_dir), device="cpu")
-    running = RunningServer(config, EngineConfig())
+    running = RunningServer(config, EngineConfig(kv_cache_memory=DEFAULT_MODEL_TEST_KV))
     yield running
     running.close()
 

@@ -120,7 +120,7 @@ def tiny_run(script: str, model: Path, out: Path, summary: str, *options: str) -
 
 
 def test_structured_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
-    options = ("--repeats", "1", "--mask-steps", "4")
+    options = ("--repeats", "1", "--mask-steps", "4", "--schemas", "4")
     summary = tiny_run("bench/structured.py", tiny_model_dir, tmp_path, "structured-cpu.json", *options)
     libraries = {row["library"]: row for row in summary["libraries"]}
     assert set(libraries) == {

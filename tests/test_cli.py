@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from loraserve.client import Client, LoraserveRpcError
+from tests.conftest import DEFAULT_MODEL_TEST_KV
 
 LORASERVE = [sys.executable, "-m", "loraserve.cli"]
 
@@ -138,6 +139,8 @@ def start_default_server(model_cache_dir: Path, grace_period: float, port: int) 
             "0",
             "--grace-period",
             str(grace_period),
+            "--kv-cache-memory",
+            DEFAULT_MODEL_TEST_KV,
             "--log-format",
             "json",
         ],

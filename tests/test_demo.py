@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from loraserve.client import Client
+from tests.conftest import DEFAULT_MODEL_TEST_KV
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,8 @@ def test_the_demo_teaches_the_default_model_a_visible_behaviour(tmp_path: Path, 
     server = start_server(
         model_config=ModelConfig(
             model="default", model_cache=str(model_cache_dir), device="cpu", adapter=(f"pirate={run / 'adapter'}",)
-        )
+        ),
+        kv_cache_memory=DEFAULT_MODEL_TEST_KV,
     )
     report = (run / "report.md").read_text()
     rows = [
