@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
@@ -67,9 +66,7 @@ async def drive_http(base_url: str, model: str, texts: list[str], new_tokens: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default", help="model to serve (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--model-cache", default=os.environ.get("LORASERVE_MODEL_CACHE", "~/.cache/loraserve/models"))
-    parser.add_argument("--dtype", default="auto")
+    load.add_server_options(parser)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)

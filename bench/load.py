@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import socket
 import subprocess
@@ -58,6 +59,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the served model that every benchmark which starts `loraserve serve` takes."""
+    parser.add_argument("--model", default="default", help="model to serve (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model-cache", default=os.environ.get("LORASERVE_MODEL_CACHE", "~/.cache/loraserve/models"))
+    parser.add_argument("--dtype", default="auto", help="weight dtype (for the baselines as well)")
+    parser.add_argument("--kv-cache-memory", default="auto", help="the server's --kv-cache-memory")
+
+
 def start_server(args: argparse.Namespace, adapters: list[Path], port: int, *extra: str) -> subprocess.Popen[bytes]:
     command = [
         sys.executable,
@@ -80,6 +89,8 @@ def start_server(args: argparse.Namespace, adapters: list[Path], port: int, *ext
         "warning",
         "--dtype",
         args.dtype,
+        "--kv-cache-memory",
+        args.kv_cache_memory,
     ]
     for i, folder in enumerate(adapters):
         command += ["--adapter", f"a{i}={folder}"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -303,9 +302,7 @@ def plot(results: list[load.LevelResult], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default", help="model to serve and compare (default: SmolLM2-135M)")
-    parser.add_argument("--model-cache", default=os.environ.get("LORASERVE_MODEL_CACHE", "~/.cache/loraserve/models"))
-    parser.add_argument("--dtype", default="auto", help="weight dtype for both the server and the baselines")
+    load.add_server_options(parser)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 32], help="concurrent streams to try")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)

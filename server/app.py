@@ -26,6 +26,7 @@ from loraserve.server.engine.telemetry import Telemetry
 from loraserve.server.http_api.app import HttpApi
 from loraserve.server.http_api.server import HttpServer
 from loraserve.server.interceptors import AccessInterceptor, MalformedRequestInterceptor
+from loraserve.server.models import preflight
 from loraserve.server.retrieval.retriever import Retriever
 from loraserve.server.servicer import AdapterServicer, CollectionServicer, InferenceServicer
 from loraserve.v1 import inference_pb2 as pb
@@ -98,6 +99,7 @@ class LoraServer:
 
     def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until load()); return the bound port."""
+        preflight.check(self.model_config)  # before the ports are bound and torch is imported
         workers = self.server_config.grpc_workers or (
             self.engine_config.max_batch_size + self.engine_config.max_queued_requests + SPARE_RPC_THREADS
         )

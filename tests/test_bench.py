@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_KV = "64MB"  # the tiny model's servers need little cache; the automatic size would take 2 GiB each
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,6 +38,8 @@ def test_throughput_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: 
         "4",
         "--shared-prefix-tokens",
         "48",
+        "--kv-cache-memory",
+        TINY_KV,
         "--no-peer",
         "--out",
         str(tmp_path),
@@ -113,7 +116,9 @@ def test_retrieval_script_meets_the_quality_bar_on_the_labelled_set(tmp_path: Pa
 def tiny_run(script: str, model: Path, out: Path, summary: str, *options: str) -> dict:
     """Run a benchmark script on the tiny model with short settings; its JSON summary."""
     result = run(
-        script, "--model", str(model), "--new-tokens", "4", "--prompt-tokens", "16", "--out", str(out), *options
+        script,
+        *("--model", str(model), "--kv-cache-memory", TINY_KV),
+        *("--new-tokens", "4", "--prompt-tokens", "16", "--out", str(out), *options),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / summary).read_text())

@@ -22,6 +22,7 @@ from loraserve.bundled import bundled_path
 from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
 from loraserve.prompting import PromptFormat, load_prompt_format
+from loraserve.server.models import preflight
 from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.lora import LoraAdapter, read_adapter
 from loraserve.server.models.registry import Linear, runner_class
@@ -66,16 +67,11 @@ def resolve_model_folder(source: str, cache_dir: Path) -> tuple[Path, str]:
         except StorageError as error:
             raise ConfigError(str(error)) from None
         return folder, f"{location.prefix.rsplit('/', 1)[-1] or location.bucket}@{version}"
-    path = Path(source).expanduser()
+    path = preflight.local_model_path(source)
+    assert path is not None  # not default, not s3://
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ConfigError(f"--model {source}: no such GGUF file")
         return converted_gguf_folder(path, cache_dir), path.stem
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"--model {source}: the folder has no config.json, so it is not a Hugging Face model")
-        return path, path.resolve().name
-    raise ConfigError(f"--model {source}: not 'default', a model folder, or a .gguf file")
+    return path, path.resolve().name
 
 
 def converted_gguf_folder(gguf: Path, cache_dir: Path) -> Path:
@@ -137,8 +133,7 @@ def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> 
     """A bitsandbytes config for --quantize, or None; refuses clearly where bitsandbytes cannot run."""
     if mode == "none":
         return None
-    if device.type != "cuda":
-        raise ConfigError(f"--quantize {mode} needs a CUDA device (bitsandbytes); this server runs on {device}")
+    preflight.check_quantize(mode, device.type)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -206,10 +201,7 @@ def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load the configured model, tokenizer and adapters."""
-    specs = [AdapterSpec.parse(spec) for spec in config.adapter]
-    duplicates = {s.id for s in specs if sum(t.id == s.id for t in specs) > 1}
-    if duplicates:
-        raise ConfigError(f"--adapter names must be unique; repeated: {', '.join(sorted(duplicates))}")
+    specs = preflight.adapter_specs(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     quantization = quantization_config(config.quantize, device, dtype)

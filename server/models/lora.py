@@ -23,6 +23,7 @@ from safetensors import safe_open
 from loraserve.errors import ConfigError
 from loraserve.prompting import PROMPT_FORMATS
 from loraserve.server.models.adapters import AdapterInfo, AdapterSpec
+from loraserve.server.models.preflight import check_adapter_folder
 
 # The projections of a LLaMA-family decoder layer that an adapter may change.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,11 +78,8 @@ def read_adapter(
     Errors start with `where` (default: the --adapter flag)."""
     folder = Path(spec.path).expanduser()
     where = where or f"--adapter {spec.id}={spec.path}"
-    if not (folder / "adapter_config.json").is_file():
-        raise ConfigError(f"{where}: no adapter_config.json there")
+    check_adapter_folder(folder, where)
     weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"{where}: no adapter_model.safetensors there (pickled .bin weights are not loaded)")
     config_bytes = (folder / "adapter_config.json").read_bytes()
     config = json.loads(config_bytes)
     _check_supported(config, where)
