@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,12 +21,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loraserve.config import EngineConfig
+from loraserve.config import EngineConfig, ModelConfig
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.params import GenerationRequest, StoppingParams
 from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.llama import LlamaRunner, prepare_linears
-from loraserve.server.models.loading import LoadedModel, default_gguf_path
+from loraserve.server.models.loading import LoadedModel, resolve_model_folder
 from loraserve.server.models.lora import read_adapter
 from loraserve.server.models.types import ModelDescription
 
@@ -62,8 +63,9 @@ def tokenizer():  # type: ignore[no-untyped-def]
     """SmolLM2's tokenizer (offline); the model below uses its vocabulary size, so every id it produces decodes."""
     from transformers import AutoTokenizer
 
-    gguf = default_gguf_path()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # From the server's cached conversion of the GGUF file: reading the tokenizer out of the GGUF takes seconds.
+    folder, _ = resolve_model_folder("default", Path(os.environ.get("LORASERVE_MODEL_CACHE", ModelConfig.model_cache)))
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def build_model(shape: dict, vocab: int, device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
@@ -239,7 +241,13 @@ def main() -> None:
     adapters = [write_adapter(model, scratch / f"a{i}", args.rank, seed=i) for i in range(4)]
     engine = Engine(
         loaded_model(model, tok, adapters),
-        replace(EngineConfig(), max_batch_size=args.streams, max_queued_requests=args.streams, max_new_tokens=4096),
+        replace(
+            EngineConfig(),
+            max_batch_size=args.streams,
+            max_queued_requests=args.streams,
+            max_new_tokens=4096,
+            kv_cache_memory="64MB" if args.tiny else "auto",  # the tiny model needs little; "auto" would take 2 GiB
+        ),
     )
     engine.start()
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -36,7 +35,7 @@ from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
 from common import CORPUS, machine, make_adapters, percentile
-from load import free_port, start_server
+from load import add_server_options, free_port, start_server
 
 OK = grpc.StatusCode.OK
 COLLECTION = "soak"
@@ -348,15 +347,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--model", default="default", help="model to serve (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--model-cache", default=os.environ.get("LORASERVE_MODEL_CACHE", "~/.cache/loraserve/models"))
+    add_server_options(parser)
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=2000, help="requests per round")
     parser.add_argument("--max-seconds", type=float, default=600, help="a round stops sending after this long")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest generation asked for")
     parser.add_argument("--max-sequence-length", type=int, default=512)
-    parser.add_argument("--kv-cache-memory", default="auto", help="the server's --kv-cache-memory")
     parser.add_argument("--adapters", type=int, default=2, help="adapters loaded at start (plus one churned)")
     parser.add_argument("--adapter-targets", nargs="+", default=["q_proj", "v_proj"])
     parser.add_argument("--max-rss-growth", type=float, default=0.05, help="allowed growth of round 2 over round 1")
@@ -371,9 +367,9 @@ def main() -> int:
     print(f"making {args.adapters + 1} adapters for {folder}", flush=True)
     adapters = make_adapters(folder, work / "adapters", args.adapters + 1, 4, args.adapter_targets)
     port = free_port()
-    server_args = argparse.Namespace(model=args.model, levels=[args.clients], dtype=args.dtype)
+    args.levels = [args.clients]  # start_server sizes the batch from it
     server = start_server(
-        server_args,
+        args,
         adapters[:-1],
         port,
         "--adapter-root",
@@ -390,10 +386,6 @@ def main() -> int:
         str(args.max_sequence_length),
         "--max-queued-requests",
         str(4 * args.clients),
-        "--metrics-port",
-        "0",
-        "--kv-cache-memory",
-        args.kv_cache_memory,
     )
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stubs = Stubs(pb_grpc.InferenceServiceStub(channel), pb_grpc.AdapterServiceStub(channel), channel)

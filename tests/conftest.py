@@ -55,15 +55,16 @@ def model_cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model's real tokenizer (SmolLM2, with its chat template), saved as a plain folder."""
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> Path:
+    """The default model's real tokenizer (SmolLM2, with its chat template), saved as a plain folder. Read from the
+    model's cached conversion (made once, on first use): reading it out of the GGUF file takes seconds each time."""
     from transformers import AutoTokenizer
 
-    from loraserve.server.models.loading import default_gguf_path
+    from loraserve.server.models.loading import resolve_model_folder
 
-    gguf = default_gguf_path()
+    folder, _ = resolve_model_folder("default", model_cache_dir)
     out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
     return out
 
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from loraserve.bundled import bundled_path
 from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
+from loraserve.files import exclusive
 from loraserve.prompting import PromptFormat, load_prompt_format
 from loraserve.server.models import preflight
 from loraserve.server.models.adapters import AdapterSpec
@@ -82,17 +83,17 @@ def converted_gguf_folder(gguf: Path, cache_dir: Path) -> Path:
     target = cache_dir.expanduser() / f"{gguf.stem}-{key}"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("converting GGUF to safetensors (once)", extra={"gguf": str(gguf), "cache": str(target)})
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
-        _convert_gguf(gguf, staging)
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():  # a concurrent conversion that won the rename is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Processes starting together on an empty cache (replicas, test workers) convert once: the others wait for it.
+    with exclusive(target.parent / f".{target.name}.lock"):
+        if target.is_dir():
+            return target
+        logger.info("converting GGUF to safetensors (once)", extra={"gguf": str(gguf), "cache": str(target)})
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+        try:
+            _convert_gguf(gguf, staging)
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     logger.info("converted GGUF", extra={"cache": str(target)})
     return target
 

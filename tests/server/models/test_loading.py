@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,37 @@ def test_gguf_is_converted_once_and_cached(tmp_path: Path, monkeypatch: pytest.M
     first = loading.converted_gguf_folder(gguf, tmp_path / "cache")
     second = loading.converted_gguf_folder(gguf, tmp_path / "cache")
     assert first == second and (first / "config.json").is_file() and conversions == [gguf]
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name], "no staging folder is left behind"
+    assert entries(tmp_path / "cache") == [first.name], "no staging folder is left behind"
+
+
+def entries(cache: Path) -> list[str]:
+    """What the cache holds, apart from the conversion's lock file (which stays, as lock files must)."""
+    return [p.name for p in cache.iterdir() if p.suffix != ".lock"]
+
+
+def test_processes_starting_together_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second conversion that starts while the first runs waits for it and takes its result (flock works between
+    threads too: each opens the lock file itself)."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    conversions: list[Path] = []
+    second_converts = threading.Event()
+    results: list[Path] = []
+    second = threading.Thread(target=lambda: results.append(loading.converted_gguf_folder(gguf, tmp_path / "cache")))
+
+    def fake_convert(source: Path, out: Path) -> None:
+        conversions.append(out)
+        if len(conversions) == 1:  # the first conversion starts the second, which must wait instead of converting
+            second.start()
+            second_converts.wait(timeout=1.0)
+        else:
+            second_converts.set()
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_convert_gguf", fake_convert)
+    first = loading.converted_gguf_folder(gguf, tmp_path / "cache")
+    second.join(timeout=30)
+    assert len(conversions) == 1 and results == [first] and entries(tmp_path / "cache") == [first.name]
 
 
 def test_a_failed_conversion_leaves_nothing_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,7 +72,7 @@ def test_a_failed_conversion_leaves_nothing_in_the_cache(tmp_path: Path, monkeyp
     monkeypatch.setattr(loading, "_convert_gguf", failing_convert)
     with pytest.raises(ValueError, match="corrupt"):
         loading.converted_gguf_folder(gguf, tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert entries(tmp_path / "cache") == []
 
 
 @pytest.mark.parametrize(
