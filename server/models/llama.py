@@ -5,6 +5,10 @@ The weights stay in the Hugging Face modules (so quantized and fused linear laye
 RoPE are exactly transformers'); only the loop over layers and the attention are ours. All tokens of a step go
 through every projection together, whatever request or phase they belong to. Attention is the only per-request
 part: decode tokens attend together over their gathered blocks in one call, each prompt chunk over its own blocks.
+
+Where the projections are plain linear layers, q, k and v run as one (QKV_PROJ) and RoPE turns q and k in one pass:
+at decode batch sizes an op's fixed cost is a large share of its time (measured: one fused projection 0.20 ms against
+0.26 ms for the three at 32 rows; the whole 32-row decode step 7% faster with the grouped decode attention below).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from loraserve.server.models.types import RowWork
 Attention = Callable[[int, torch.Tensor], torch.Tensor]
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# q_proj, k_proj and v_proj of a layer as one linear layer (outputs side by side), where prepare_linears fuses them
+QKV_PROJ = "qkv_proj"
 # oneDNN picks its blocking for this batch size; measured fine from 1 to 512 rows.
 PACKING_BATCH_HINT = 32
 
@@ -42,7 +48,7 @@ class PackedStep:
     slots: torch.Tensor  # [T]: where each token's key and value go in the cache
     adapters: torch.Tensor  # [T]: each token's adapter, -1 for the base model
     single_tables: torch.Tensor  # [S, n]: block tables of the single-token work, padded with the scratch block
-    single_lengths: torch.Tensor  # [S]: cached length of those sequences after this step
+    single_mask: torch.Tensor  # [S, 1, 1, n * block_size]: the positions each of those sequences attends
     chunks: list[tuple[torch.Tensor, int, int, int]]  # (block table [1, n], start, length, offset into the tokens)
     logit_index: torch.Tensor  # [R]: packed index of each token whose logits are returned, in the work's order
 
@@ -54,24 +60,48 @@ def check_config(config: PretrainedConfig) -> None:
 
 
 def prepare_linears(model: PreTrainedModel) -> dict[tuple[int, str], Linear]:
-    """Every projection of every layer, and the LM head at (-1, "lm_head"); on a CPU, prepacked for oneDNN.
+    """Every projection of every layer, and the LM head at (-1, "lm_head"). Where all are plain linear layers, each
+    layer's q, k and v projections become one at QKV_PROJ, and on a CPU every one is prepacked for oneDNN.
 
-    Packing copies a weight, so the plain projection weights are dropped afterwards: from here on the model runs
-    only through LlamaRunner. (The LM head keeps its weight, which the embedding usually shares.)
+    Fusing and packing copy weights, so the plain projection weights are dropped afterwards: from here on the model
+    runs only through LlamaRunner. (The LM head keeps its weight, which the embedding usually shares.)
     """
     modules: dict[tuple[int, str], Linear] = {(-1, "lm_head"): model.lm_head}
     for index, layer in enumerate(model.model.layers):
         modules |= {(index, name): getattr(layer.self_attn, name) for name in ATTENTION_PROJECTIONS}
         modules |= {(index, name): getattr(layer.mlp, name) for name in MLP_PROJECTIONS}
-    plain = all(type(m) is torch.nn.Linear for m in modules.values())
-    if not plain or not cpu_linear.available(model.device, model.dtype):
+    if not all(type(m) is torch.nn.Linear for m in modules.values()):
+        return modules
+    for index in range(len(model.model.layers)):
+        parts = [modules.pop((index, name)) for name in ("q_proj", "k_proj", "v_proj")]
+        modules[(index, QKV_PROJ)] = fused_linear(parts)
+        for part in parts:
+            drop_weight(part)
+    if not cpu_linear.available(model.device, model.dtype):
         return modules
     packed: dict[tuple[int, str], Linear] = {}
     for key, module in modules.items():
         packed[key] = cpu_linear.PackedLinear(module, PACKING_BATCH_HINT)
         if key[0] >= 0:
-            module.weight = torch.nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
+            drop_weight(module)
     return packed
+
+
+def fused_linear(parts: list[torch.nn.Linear]) -> torch.nn.Linear:
+    """One linear layer whose output is the parts' outputs side by side."""
+    weight = torch.cat([p.weight.detach() for p in parts])
+    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
+    fused.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias.detach() for p in parts]))
+    fused.requires_grad_(False)
+    return fused
+
+
+def drop_weight(module: torch.nn.Linear) -> None:
+    module.weight = torch.nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -142,15 +172,14 @@ class LlamaRunner:
                 chunk_spans.append((table, w.start, len(w.tokens), offset))
         width = max((self.kv.blocks_for(w.end) for w in singles), default=0)
         tables = [self._table(w) for w in singles]
+        single_tables = self.tensor([t + [SCRATCH_BLOCK] * (width - len(t)) for t in tables]).view(len(singles), width)
         return PackedStep(
             token_ids=self.tensor(token_ids),
             positions=self.tensor(positions),
             slots=self.tensor(slots),
             adapters=self.tensor(adapters),
-            single_tables=self.tensor([t + [SCRATCH_BLOCK] * (width - len(t)) for t in tables]).view(
-                len(singles), width
-            ),
-            single_lengths=self.tensor([w.end for w in singles]),
+            single_tables=single_tables,
+            single_mask=self.decode_mask(single_tables, self.tensor([w.end for w in singles])),
             chunks=chunk_spans,
             logit_index=self.tensor([last_index[id(w)] for w in work if w.wants_logits]),
         )
@@ -161,6 +190,12 @@ class LlamaRunner:
 
     def tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def decode_mask(self, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Which gathered positions each single-token row attends, built once for all layers. tables: [S, n] block
+        ids; lengths: [S] positions each row attends. Returns [S, 1, 1, n * block_size] (True: attend)."""
+        width = tables.shape[1] * self.kv.block_size
+        return (torch.arange(width, device=tables.device)[None, :] < lengths[:, None])[:, None, None, :]
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
 
@@ -192,9 +227,8 @@ class LlamaRunner:
 
         token_ids, positions, slots, lengths, adapters: [B]; tables: [B, n]. Padded rows write to the scratch block
         and attend one position. Returns logits [B, V]."""
-        return self.run_layers(
-            token_ids, positions, slots, adapters, partial(self._decode_attention, tables=tables, lengths=lengths), None
-        )
+        attend = partial(self._decode_attention, tables=tables, mask=self.decode_mask(tables, lengths))
+        return self.run_layers(token_ids, positions, slots, adapters, attend, None)
 
     def run_layers(
         self,
@@ -218,6 +252,20 @@ class LlamaRunner:
         last = hidden if logit_index is None else hidden[logit_index]
         return self.linears[(-1, "lm_head")](self.decoder.norm(last)).float()  # [R, V]
 
+    def _qkv(self, index: int, x: torch.Tensor, lora_rows: dict[int, torch.Tensor]) -> torch.Tensor:
+        """q, k and v projected side by side, each with its adapters: [T, (heads + 2 * kv_heads) * head_dim]."""
+        fused = self.linears.get((index, QKV_PROJ))
+        if fused is None:
+            return torch.cat([self._project(index, name, x, lora_rows) for name in ("q_proj", "k_proj", "v_proj")], -1)
+        qkv = fused(x)
+        if lora_rows:
+            sizes = [self.num_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), qkv.split(sizes, -1), strict=True):
+                bank = self.lora.get(index, name)
+                if bank is not None:
+                    part.add_(bank(x, lora_rows[bank.rank]))
+        return qkv
+
     def _project(self, index: int, name: str, x: torch.Tensor, lora_rows: dict[int, torch.Tensor]) -> torch.Tensor:
         out = self.linears[(index, name)](x)
         bank = self.lora.get(index, name) if lora_rows else None
@@ -238,11 +286,10 @@ class LlamaRunner:
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         x = layer.input_layernorm(hidden)
-        q = self._project(index, "q_proj", x, lora_rows).view(tokens, self.num_heads, self.head_dim)
-        k = self._project(index, "k_proj", x, lora_rows).view(tokens, self.kv_heads, self.head_dim)
-        v = self._project(index, "v_proj", x, lora_rows).view(tokens, self.kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qkv = self._qkv(index, x, lora_rows).view(tokens, self.num_heads + 2 * self.kv_heads, self.head_dim)
+        qk = qkv[:, : self.num_heads + self.kv_heads]
+        qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k at once
+        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, self.num_heads + self.kv_heads :]
         self.kv.write(index, slots, k, v)
         context = attend(index, q)  # [T, heads, head_dim]
         hidden = hidden + self._project(index, "o_proj", context.reshape(tokens, -1), lora_rows)
@@ -252,27 +299,29 @@ class LlamaRunner:
         return hidden + self._project(index, "down_proj", layer.mlp.act_fn(gate) * up, lora_rows)
 
     def _mixed_attention(self, layer: int, q: torch.Tensor, step: PackedStep) -> torch.Tensor:
-        singles = step.single_lengths.shape[0]
+        singles = step.single_tables.shape[0]
         if not step.chunks:
-            return self._decode_attention(layer, q, step.single_tables, step.single_lengths)
-        context = torch.empty_like(q)
+            return self._decode_attention(layer, q, step.single_tables, step.single_mask)
+        context = q.new_empty(q.shape)
         if singles:
-            context[:singles] = self._decode_attention(layer, q[:singles], step.single_tables, step.single_lengths)
+            context[:singles] = self._decode_attention(layer, q[:singles], step.single_tables, step.single_mask)
         for table, start, length, offset in step.chunks:
             keys, values = self.kv.gather(layer, table)
             context[offset : offset + length] = self._chunk_attention(q[offset : offset + length], keys, values, start)
         return context
 
-    def _decode_attention(
-        self, layer: int, q: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor
-    ) -> torch.Tensor:
+    def _decode_attention(self, layer: int, q: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One query per sequence, all at once over their gathered blocks. q: [S, heads, head_dim]; tables: [S, n];
-        lengths: [S] positions each query attends."""
+        mask: decode_mask(tables, lengths).
+
+        The query heads that share a key-value head go in as that head's rows of queries (a decode query attends
+        every cached position, so no causal order among them): one attention per key-value head instead of
+        repeating keys and values per query head (measured 10% faster than enable_gqa on a CPU)."""
         keys, values = self.kv.gather(layer, tables)  # [S, kv_heads, n * block_size, head_dim]
-        width = keys.shape[2]
-        mask = (torch.arange(width, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]  # [S,1,1,W]
-        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True)
-        return out[:, :, 0, :]
+        rows = q.shape[0]
+        grouped = q.reshape(rows, self.kv_heads, self.num_heads // self.kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        return out.reshape(rows, self.num_heads, self.head_dim)
 
     @staticmethod
     def _chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:

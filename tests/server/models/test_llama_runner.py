@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from loraserve.errors import ConfigError
+from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.kv_blocks import PagedKVCache
-from loraserve.server.models.llama import LlamaRunner, prepare_linears
+from loraserve.server.models.llama import QKV_PROJ, LlamaRunner, prepare_linears
+from loraserve.server.models.lora import LoraBanks, read_adapter
 from loraserve.server.models.registry import RUNNERS, runner_class
 from loraserve.server.models.types import RowWork
 
@@ -70,6 +72,36 @@ def test_logits_match_transformers_for_chunks_and_decode(model_type: str) -> Non
         torch.testing.assert_close(logits[0], expected_a[position], atol=1e-4, rtol=1e-4)
         if len(work) == 2:
             torch.testing.assert_close(logits[1], expected_b[position - 10], atol=1e-4, rtol=1e-4)
+
+
+def test_an_adapter_on_every_projection_matches_peft_beside_a_base_row(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """q, k and v run as one fused projection on a CPU; each one's LoRA update must still land on its own slice."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(2)
+    peft_model = get_peft_model(
+        tiny("qwen2"), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
+    peft_model.save_pretrained(tmp_path)
+    tokens = torch.randint(0, 300, (12,)).tolist()
+    with torch.inference_mode():
+        adapted = peft_model(torch.tensor([tokens])).logits[0, -1]
+        base = tiny("qwen2")(torch.tensor([tokens])).logits[0, -1]
+    assert (adapted - base).abs().max() > 1e-2  # the adapter changes the output
+
+    runner_model = tiny("qwen2")
+    linears = prepare_linears(runner_model)
+    assert (0, QKV_PROJ) in linears and (0, "k_proj") not in linears
+    adapter = read_adapter(
+        AdapterSpec("all", str(tmp_path)), LlamaRunner.projection_features(runner_model), SHAPE["num_hidden_layers"]
+    )
+    banks = LoraBanks([adapter], LlamaRunner.projection_features(runner_model), 2, torch.float32, torch.device("cpu"))
+    kv = PagedKVCache(LlamaRunner.cache_shape(runner_model, torch.float32), 8, 16, torch.device("cpu"))
+    runner = LlamaRunner(runner_model, linears, kv, banks)
+    logits = runner.step([RowWork([1], tokens, 0, adapter=0), RowWork([2], tokens, 0)])
+    torch.testing.assert_close(logits[0], adapted, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], base, atol=1e-4, rtol=1e-4)
 
 
 def test_the_registry_refuses_other_architectures_naming_the_supported_ones() -> None:
