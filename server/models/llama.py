@@ -90,13 +90,14 @@ def prepare_linears(model: PreTrainedModel) -> dict[tuple[int, str], Linear]:
 def fused_linear(parts: list[torch.nn.Linear]) -> torch.nn.Linear:
     """One linear layer whose output is the parts' outputs side by side."""
     weight = torch.cat([p.weight.detach() for p in parts])
-    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
-    fused.to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias.detach() for p in parts]))
-    fused.requires_grad_(False)
+    has_bias = parts[0].bias is not None
+    # skip_init: no random initialisation of weights that are replaced at once (seconds for a 7B model's layers)
+    fused = torch.nn.utils.skip_init(
+        torch.nn.Linear, weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype
+    )
+    fused.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = torch.nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
     return fused
 
 
