@@ -66,7 +66,10 @@ class Scheduler:
         work: list[tuple[Sequence, RowWork]] = []
         for sequence in running:
             if sequence.pending == 1:
-                row = RowWork(sequence.table.blocks, sequence.next_tokens(1), sequence.cached, sequence.adapter_index)
+                tokens = sequence.next_tokens(1)
+                row = RowWork(
+                    sequence.table.blocks, tokens, sequence.cached, sequence.adapter_index, True, sequence.serial
+                )
                 work.append((sequence, row))
         budget = self.budget.prefill_tokens(len(work), len(running) - len(work))
         for sequence in running:
@@ -75,6 +78,8 @@ class Scheduler:
             chunk = sequence.next_tokens(budget)
             budget -= len(chunk)
             wants_logits = sequence.cached + len(chunk) == sequence.token_count
-            row = RowWork(sequence.table.blocks, chunk, sequence.cached, sequence.adapter_index, wants_logits)
+            row = RowWork(
+                sequence.table.blocks, chunk, sequence.cached, sequence.adapter_index, wants_logits, sequence.serial
+            )
             work.append((sequence, row))
         return work, preempted
