@@ -3,8 +3,8 @@ run, with the machine's own matmul peak as the roof.
 
 In order: the machine's fp32 matmul peak (a large torch.mm); `loraserve serve` on the model, driven by N concurrent
 gRPC streams per concurrency level (fixed prompts, min_new_tokens = max_new_tokens so EOS cannot cut a run short),
-then a batch mixing several LoRA adapters, then Poisson arrivals (an open loop at 80% of the 16-stream capacity),
-then 16 streams whose prompts share a long system prompt, on that server (prefix caching on) and on one started with
+at the top level in turn with a batch mixing several LoRA adapters; then Poisson arrivals (an open loop at 80% of the
+16-stream capacity), then 16 streams whose prompts share a long system prompt, on that server (prefix caching on) and on one started with
 --no-prefix-caching; llama.cpp's llama-server on the same weights and prompt tokens (see bench/peer.py); and the
 baselines on the same model: sequential `model.generate` at batch 1 and static-batch `model.generate` at each level.
 Prints the machine (CPU model and SIMD flags) with the table, writes JSON and a PNG plot.
@@ -35,19 +35,22 @@ POISSON_STREAMS = 16  # the Poisson run offers 80% of what the server sustained 
 POISSON_LOAD = 0.8
 
 
-def measure_level(
-    args: argparse.Namespace, target: str, fresh: FreshPrompts, name: str, level: int, adapters: list[str]
-) -> load.LevelResult:
-    """The median run (by throughput) of --repeats runs: this machine's timing noise is about 10%."""
-    runs = []
+def measure_levels(
+    args: argparse.Namespace, target: str, fresh: FreshPrompts, level: int, kinds: dict[str, list[str]]
+) -> list[load.LevelResult]:
+    """For each kind of run (name -> the adapters its requests cycle through), the median run by throughput of
+    --repeats runs at `level` streams (this machine's timing noise is about 10%). The kinds take turns, so that a
+    ratio between them is measured side by side, not minutes apart."""
+    runs: dict[str, list[load.LevelResult]] = {name: [] for name in kinds}
     for repeat in range(args.repeats):
-        print(f"{name}: {level} concurrent streams (run {repeat + 1}/{args.repeats}) ...", flush=True)
-        texts = fresh.take(level * args.requests_per_stream)
-        outcomes, seconds = asyncio.run(
-            load.drive(target, texts, level, args.requests_per_stream, args.new_tokens, adapters)
-        )
-        runs.append(load.summarize(name, level, outcomes, seconds))
-    return sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]
+        for name, adapters in kinds.items():
+            print(f"{name}: {level} concurrent streams (run {repeat + 1}/{args.repeats}) ...", flush=True)
+            texts = fresh.take(level * args.requests_per_stream)
+            outcomes, seconds = asyncio.run(
+                load.drive(target, texts, level, args.requests_per_stream, args.new_tokens, adapters)
+            )
+            runs[name].append(load.summarize(name, level, outcomes, seconds))
+    return [sorted(r, key=lambda r: r.tokens_per_second)[len(r) // 2] for r in runs.values()]
 
 
 def measure_server(
@@ -60,11 +63,10 @@ def measure_server(
     try:
         asyncio.run(load.drive(target, fresh.take(1), 1, 1, 4, [""]))  # warm the server up
         for level in args.levels:
-            results.append(measure_level(args, target, fresh, "server", level, [""]))
-        if adapters:
-            names = [f"a{i}" for i in range(len(adapters))]
-            label = f"server, {len(names)} adapters mixed"
-            results.append(measure_level(args, target, fresh, label, max(args.levels), names))
+            kinds = {"server": [""]}
+            if adapters and level == max(args.levels):  # the mixed-adapter batch, in turn with the base model's
+                kinds[f"server, {len(adapters)} adapters mixed"] = [f"a{i}" for i in range(len(adapters))]
+            results.extend(measure_levels(args, target, fresh, level, kinds))
         results.append(measure_poisson(args, target, fresh, results))
         results.append(measure_shared_prefix(args, target, system, "server, shared prefix, cached"))
     finally:

@@ -4,7 +4,8 @@ per-token LoRA adapters and the paged KV cache.
 The weights stay in the Hugging Face modules (so quantized and fused linear layers work unchanged, and RMSNorm and
 RoPE are exactly transformers'); only the loop over layers and the attention are ours. All tokens of a step go
 through every projection together, whatever request or phase they belong to. Attention is the only per-request
-part: decode tokens attend together over their gathered blocks in one call, each prompt chunk over its own blocks.
+part: decode tokens attend together in one call, over their DecodeKV rows on a CPU (decode_kv.py) or their gathered
+blocks, and each prompt chunk over its own blocks.
 
 Where the projections are plain linear layers, q, k and v run as one (QKV_PROJ) and RoPE turns q and k in one pass:
 at decode batch sizes an op's fixed cost is a large share of its time (measured: one fused projection 0.20 ms against
