@@ -31,6 +31,24 @@ def test_gguf_is_converted_once_and_cached(tmp_path: Path, monkeypatch: pytest.M
     assert entries(tmp_path / "cache") == [first.name], "no staging folder is left behind"
 
 
+def test_copies_of_one_gguf_share_a_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keyed by content, not path: every checkout's virtualenv installs its own copy of the default model's file, and
+    they all share one conversion (each used to add a 540 MB copy); a file with other content gets its own."""
+    copies = [tmp_path / name / "model.gguf" for name in ("venv-a", "venv-b", "other")]
+    for path, content in zip(copies, (b"GGUF one", b"GGUF one", b"GGUF two"), strict=True):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    conversions: list[Path] = []
+
+    def fake_convert(source: Path, out: Path) -> None:
+        conversions.append(source)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_convert_gguf", fake_convert)
+    first, second, other = (loading.converted_gguf_folder(path, tmp_path / "cache") for path in copies)
+    assert first == second != other and conversions == [copies[0], copies[2]]
+
+
 def entries(cache: Path) -> list[str]:
     """What the cache holds, apart from the conversion's lock file (which stays, as lock files must)."""
     return [p.name for p in cache.iterdir() if p.suffix != ".lock"]
