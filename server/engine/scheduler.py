@@ -66,10 +66,7 @@ class Scheduler:
         work: list[tuple[Sequence, RowWork]] = []
         for sequence in running:
             if sequence.pending == 1:
-                tokens = sequence.next_tokens(1)
-                row = RowWork(
-                    sequence.table.blocks, tokens, sequence.cached, sequence.adapter_index, True, sequence.serial
-                )
+                row = RowWork(sequence.table.blocks, sequence.next_tokens(1), sequence.cached, sequence.adapter_index)
                 work.append((sequence, row))
         budget = self.budget.prefill_tokens(len(work), len(running) - len(work))
         for sequence in running:
@@ -78,8 +75,6 @@ class Scheduler:
             chunk = sequence.next_tokens(budget)
             budget -= len(chunk)
             wants_logits = sequence.cached + len(chunk) == sequence.token_count
-            row = RowWork(
-                sequence.table.blocks, chunk, sequence.cached, sequence.adapter_index, wants_logits, sequence.serial
-            )
+            row = RowWork(sequence.table.blocks, chunk, sequence.cached, sequence.adapter_index, wants_logits)
             work.append((sequence, row))
         return work, preempted

@@ -3,7 +3,6 @@ stream its chunks go to."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,10 +23,6 @@ from loraserve.server.engine.stopping import StopMatch, StopSequenceMatcher
 from loraserve.server.engine.tokenization import Tokenization
 
 logger = logging.getLogger(__name__)
-
-
-# Sequence serials: the model runner keeps state per sequence across steps, so a serial is never reused.
-_SERIALS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,6 @@ class Sequence:
     ) -> None:
         self.request = request
         self.request_id = request.request_id
-        self.serial = next(_SERIALS)
         self.prompt_ids = prompt_ids
         self.max_new_tokens = max_new_tokens
         self.adapter_index = adapter_index  # among the resident adapters; -1 for the base model

@@ -4,8 +4,7 @@ per-token LoRA adapters and the paged KV cache.
 The weights stay in the Hugging Face modules (so quantized and fused linear layers work unchanged, and RMSNorm and
 RoPE are exactly transformers'); only the loop over layers and the attention are ours. All tokens of a step go
 through every projection together, whatever request or phase they belong to. Attention is the only per-request
-part: decode tokens attend together in one call, over their DecodeKV rows on a CPU (decode_kv.py) or their gathered
-blocks, and each prompt chunk over its own blocks.
+part: decode tokens attend together over their gathered blocks in one call, each prompt chunk over its own blocks.
 
 Where the projections are plain linear layers, q, k and v run as one (QKV_PROJ) and RoPE turns q and k in one pass:
 at decode batch sizes an op's fixed cost is a large share of its time (measured: one fused projection 0.20 ms against
@@ -24,15 +23,14 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from loraserve.errors import ConfigError
 from loraserve.server.models import cpu_linear
-from loraserve.server.models.decode_kv import DecodeKV
 from loraserve.server.models.kv_blocks import SCRATCH_BLOCK, CacheShape, PagedKVCache
 from loraserve.server.models.lora import LoraBanks
 from loraserve.server.models.runner import Linear
 from loraserve.server.models.types import RowWork
 
-# attend(layer, q, k, v) -> context [T, heads, head_dim]: q [T, heads, head_dim], and the step's own keys and values
-# k, v [T, kv_heads, head_dim], which are already written to the paged cache
-Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend(layer, q [T, heads, head_dim]) -> context [T, heads, head_dim], reading the layer's keys and values from the
+# cache (the step's own keys and values are already written there)
+Attention = Callable[[int, torch.Tensor], torch.Tensor]
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # q_proj, k_proj and v_proj of a layer as one linear layer (outputs side by side), where prepare_linears fuses them
@@ -51,7 +49,6 @@ class PackedStep:
     adapters: torch.Tensor  # [T]: each token's adapter, -1 for the base model
     single_tables: torch.Tensor  # [S, n]: block tables of the single-token work, padded with the scratch block
     single_mask: torch.Tensor  # [S, 1, 1, n * block_size]: the positions each of those sequences attends
-    in_place: bool  # the single-token work is rows 0..S-1 of the runner's DecodeKV, and attends there
     chunks: list[tuple[torch.Tensor, int, int, int]]  # (block table [1, n], start, length, offset into the tokens)
     logit_index: torch.Tensor  # [R]: packed index of each token whose logits are returned, in the work's order
 
@@ -132,9 +129,6 @@ class LlamaRunner:
         self.kv = kv_cache
         self.lora = lora if lora else None
         self.device = model.device
-        # On a CPU, decoding sequences attend over contiguous copies of their keys and values kept between steps
-        # (decode_kv.py). On CUDA the memory goes to the paged cache instead, and captured decode graphs gather.
-        self.decode_kv = DecodeKV(kv_cache) if self.device.type == "cpu" else None
         self.num_heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -160,8 +154,6 @@ class LlamaRunner:
 
     def pack(self, work: Sequence[RowWork]) -> PackedStep:
         singles = [w for w in work if len(w.tokens) == 1]
-        rows = self.decode_kv.arrange(singles) if self.decode_kv is not None else None
-        singles = rows if rows is not None else singles
         chunks = [w for w in work if len(w.tokens) > 1]
         token_ids: list[int] = []
         positions: list[int] = []
@@ -189,7 +181,6 @@ class LlamaRunner:
             adapters=self.tensor(adapters),
             single_tables=single_tables,
             single_mask=self.decode_mask(single_tables, self.tensor([w.end for w in singles])),
-            in_place=rows is not None,
             chunks=chunk_spans,
             logit_index=self.tensor([last_index[id(w)] for w in work if w.wants_logits]),
         )
@@ -213,7 +204,7 @@ class LlamaRunner:
     def step(self, work: Sequence[RowWork]) -> torch.Tensor:
         """Run one step; return the next-token logits [R, V] of the work items that want them, in their order."""
         step = self.pack(work)
-        logits = self.run_layers(
+        return self.run_layers(
             step.token_ids,
             step.positions,
             step.slots,
@@ -222,9 +213,6 @@ class LlamaRunner:
             step.logit_index,
             uses_lora=any(w.adapter >= 0 for w in work),
         )
-        if step.in_place:
-            self.decode_kv.advance()
-        return logits
 
     @torch.inference_mode()
     def decode(
@@ -240,11 +228,7 @@ class LlamaRunner:
 
         token_ids, positions, slots, lengths, adapters: [B]; tables: [B, n]. Padded rows write to the scratch block
         and attend one position. Returns logits [B, V]."""
-        mask = self.decode_mask(tables, lengths)
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return self._decode_attention(layer, q, tables, mask)
-
+        attend = partial(self._decode_attention, tables=tables, mask=self.decode_mask(tables, lengths))
         return self.run_layers(token_ids, positions, slots, adapters, attend, None)
 
     def run_layers(
@@ -308,50 +292,33 @@ class LlamaRunner:
         qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k at once
         q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, self.num_heads + self.kv_heads :]
         self.kv.write(index, slots, k, v)
-        context = attend(index, q, k, v)  # [T, heads, head_dim]
+        context = attend(index, q)  # [T, heads, head_dim]
         hidden = hidden + self._project(index, "o_proj", context.reshape(tokens, -1), lora_rows)
         x = layer.post_attention_layernorm(hidden)
         gate = self._project(index, "gate_proj", x, lora_rows)
         up = self._project(index, "up_proj", x, lora_rows)
         return hidden + self._project(index, "down_proj", layer.mlp.act_fn(gate) * up, lora_rows)
 
-    def _mixed_attention(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: PackedStep
-    ) -> torch.Tensor:
+    def _mixed_attention(self, layer: int, q: torch.Tensor, step: PackedStep) -> torch.Tensor:
         singles = step.single_tables.shape[0]
         if not step.chunks:
-            return self._single_attention(layer, q, k, v, step)
+            return self._decode_attention(layer, q, step.single_tables, step.single_mask)
         context = q.new_empty(q.shape)
         if singles:
-            context[:singles] = self._single_attention(layer, q[:singles], k[:singles], v[:singles], step)
+            context[:singles] = self._decode_attention(layer, q[:singles], step.single_tables, step.single_mask)
         for table, start, length, offset in step.chunks:
             keys, values = self.kv.gather(layer, table)
             context[offset : offset + length] = self._chunk_attention(q[offset : offset + length], keys, values, start)
         return context
 
-    def _single_attention(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: PackedStep
-    ) -> torch.Tensor:
-        """The single-token work's attention: in place over the DecodeKV rows (after appending the step's keys and
-        values there), or over the gathered blocks."""
-        if not step.in_place:
-            return self._decode_attention(layer, q, step.single_tables, step.single_mask)
-        self.decode_kv.append(layer, step.positions[: q.shape[0]], k, v)
-        return self._grouped_attention(q, *self.decode_kv.view(layer, step.single_mask.shape[-1]), step.single_mask)
-
     def _decode_attention(self, layer: int, q: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One query per sequence, all at once over their gathered blocks. q: [S, heads, head_dim]; tables: [S, n];
-        mask: decode_mask(tables, lengths)."""
-        return self._grouped_attention(q, *self.kv.gather(layer, tables), mask)
-
-    def _grouped_attention(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """One query per sequence over its keys and values [S, kv_heads, n, head_dim] where mask [S, 1, 1, n] is True.
+        mask: decode_mask(tables, lengths).
 
         The query heads that share a key-value head go in as that head's rows of queries (a decode query attends
         every cached position, so no causal order among them): one attention per key-value head instead of
         repeating keys and values per query head (measured 10% faster than enable_gqa on a CPU)."""
+        keys, values = self.kv.gather(layer, tables)  # [S, kv_heads, n * block_size, head_dim]
         rows = q.shape[0]
         grouped = q.reshape(rows, self.kv_heads, self.num_heads // self.kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)

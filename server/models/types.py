@@ -19,7 +19,6 @@ class RowWork:
     start: int
     adapter: int = -1  # index of the request's adapter among the resident ones; -1 for the base model
     wants_logits: bool = True  # False for a prompt chunk that does not end the prompt
-    sequence: int = -1  # the sequence's serial, unique for the engine's life; -1: none (nothing kept between steps)
 
     @property
     def end(self) -> int:
