@@ -4,9 +4,10 @@ run, with the machine's own matmul peak as the roof.
 In order: the machine's fp32 matmul peak (a large torch.mm); `loraserve serve` on the model, driven by N concurrent
 gRPC streams per concurrency level (fixed prompts, min_new_tokens = max_new_tokens so EOS cannot cut a run short),
 at the top level in turn with a batch mixing several LoRA adapters; then Poisson arrivals (an open loop at 80% of the
-16-stream capacity), then 16 streams whose prompts share a long system prompt, on that server (prefix caching on) and on one started with
---no-prefix-caching; llama.cpp's llama-server on the same weights and prompt tokens (see bench/peer.py); and the
-baselines on the same model: sequential `model.generate` at batch 1 and static-batch `model.generate` at each level.
+16-stream capacity), then 16 streams whose prompts share a long system prompt, on that server (prefix caching on)
+and on one started with --no-prefix-caching; llama.cpp's llama-server on the same weights and prompt tokens (see
+bench/peer.py); and the baselines on the same model: sequential `model.generate` at batch 1 and static-batch
+`model.generate` at each level.
 Prints the machine (CPU model and SIMD flags) with the table, writes JSON and a PNG plot.
 
     .venv/bin/python bench/throughput.py                       # the default model, levels 1 4 16 32
