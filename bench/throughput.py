@@ -51,7 +51,7 @@ def measure_levels(
                 load.drive(target, texts, level, args.requests_per_stream, args.new_tokens, adapters)
             )
             runs[name].append(load.summarize(name, level, outcomes, seconds))
-    return [sorted(r, key=lambda r: r.tokens_per_second)[len(r) // 2] for r in runs.values()]
+    return [sorted(kind, key=lambda run: run.tokens_per_second)[len(kind) // 2] for kind in runs.values()]
 
 
 def measure_server(

@@ -100,6 +100,7 @@ def converted_gguf_folder(gguf: Path, cache_dir: Path) -> Path:
 
 @functools.cache
 def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """The file's BLAKE2b digest; size and mtime only key the memo, so a file changed in place is hashed again."""
     with path.open("rb") as file:
         return hashlib.file_digest(file, "blake2b").hexdigest()
 
