@@ -153,27 +153,34 @@ def hf_model(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 @torch.inference_mode()
 def measure_hf(model, tokenizer, texts: list[str], args: argparse.Namespace) -> list[load.LevelResult]:  # type: ignore[no-untyped-def]
-    """Sequential generate at batch 1, and static-batch generate at every level above 1."""
+    """Sequential generate at batch 1, and static-batch generate at every level above 1: each the median of --repeats
+    runs, as the server's figures are (one run of a static batch lasts seconds, and this machine's timing drifts)."""
     new_tokens = args.new_tokens
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
     model.generate(**tokenizer(texts[:1], return_tensors="pt"), max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    results = []
+
+    def median_seconds(label: str, batches: list[dict[str, torch.Tensor]]) -> float:
+        runs = []
+        for repeat in range(args.repeats):
+            print(f"HF generate: {label} (run {repeat + 1}/{args.repeats}) ...", flush=True)
+            start = time.perf_counter()
+            for batch in batches:
+                model.generate(**batch, **kwargs)
+            runs.append(time.perf_counter() - start)
+        return sorted(runs)[len(runs) // 2]
+
     sequential = args.sequential_requests
-    print(f"HF generate: {sequential} requests one after another ...", flush=True)
-    start = time.perf_counter()
-    for text in texts[:sequential]:
-        model.generate(**tokenizer([text], return_tensors="pt"), **kwargs)
-    results.append(hf_result("hf sequential", 1, sequential, new_tokens, time.perf_counter() - start, args))
+    singles = [tokenizer([text], return_tensors="pt") for text in texts[:sequential]]
+    seconds = median_seconds(f"{sequential} requests one after another", singles)
+    results = [hf_result("hf sequential", 1, sequential, new_tokens, seconds, args)]
     for level in args.levels:
         if level == 1:
             continue
-        print(f"HF generate: static batch of {level} ...", flush=True)
         batch = tokenizer(texts[:level], return_tensors="pt", padding=True)
-        start = time.perf_counter()
-        model.generate(**batch, **kwargs)
-        results.append(hf_result("hf static batch", level, level, new_tokens, time.perf_counter() - start, args))
+        seconds = median_seconds(f"static batch of {level}", [batch])
+        results.append(hf_result("hf static batch", level, level, new_tokens, seconds, args))
     return results
 
 
@@ -312,7 +319,7 @@ def main() -> None:
     parser.add_argument("--shared-prefix-tokens", type=int, default=600, help="shared system prompt, in tokens")
     parser.add_argument("--requests-per-stream", type=int, default=2, help="requests each stream sends in turn")
     parser.add_argument("--sequential-requests", type=int, default=3, help="requests for the batch-1 baseline")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per server measurement; the median is kept")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per measurement (server, HF); the median is kept")
     parser.add_argument("--adapters", type=int, default=4, help="adapters for the mixed-adapter run (0: skip it)")
     parser.add_argument("--adapter-rank", type=int, default=16)
     parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp (it is built on first use)")

@@ -250,6 +250,13 @@ class EngineConfig:
         "of running streams.",
         metavar="FACTOR",
     )
+    prefill_burst_ratio: float = option(
+        0.3,
+        "When requests still prefilling number at least this many times the decoding ones (and at least 4), steps "
+        "take --max-prefill-tokens prompt tokens, not the paced budget: a burst of prompts starts decoding together "
+        "instead of staggered. 0: always pace.",
+        metavar="RATIO",
+    )
     kv_cache_memory: str = option(
         "auto",
         "Memory for the paged KV cache (e.g. 2GiB, 512MB). Requests are admitted while their blocks fit; when a "
@@ -304,6 +311,11 @@ class EngineConfig:
             self.decode_latency_factor >= 1.0,
             "decode_latency_factor",
             f"must be >= 1 (1 = prefill only when no stream decodes), got {self.decode_latency_factor}",
+        )
+        require(
+            self.prefill_burst_ratio >= 0.0,
+            "prefill_burst_ratio",
+            f"must be >= 0 (0 = always pace prompts), got {self.prefill_burst_ratio}",
         )
         try:
             parse_size(self.kv_cache_memory)

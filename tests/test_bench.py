@@ -148,3 +148,13 @@ def test_http_vs_grpc_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path
     for name in ("grpc", "http"):
         (run_result,) = summary["runs"][name]
         assert run_result["generated_tokens"] == 3 * 4 and run_result["requests"] == 3
+
+
+def test_schedule_simulation_shows_bursts_taking_fewer_steps() -> None:
+    result = run("bench/schedule_sim.py", "--ratios", "0", "0.3", "--seeds", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["ratio 0.0", "ratio 0.3"]
+    paced, burst = (int(line.split(" steps")[0].rsplit(" ", 1)[1]) for line in lines)
+    # a burst of 32 prompts fed at full size starts its streams together: fewer, fuller steps for the same work
+    assert burst < paced

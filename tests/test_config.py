@@ -62,6 +62,7 @@ def test_bad_environment_values_name_the_variable(monkeypatch: pytest.MonkeyPatc
     ("config_cls", "argv", "message"),
     [
         (EngineConfig, ["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+        (EngineConfig, ["--prefill-burst-ratio", "-1"], "--prefill-burst-ratio must be >= 0"),
         (EngineConfig, ["--default-max-new-tokens", "99", "--max-new-tokens", "10"], "--default-max-new-tokens"),
         (ServerConfig, ["--port", "70000"], "--port must be in"),
         (ModelConfig, ["--adapter", "nopath"], "--adapter takes NAME=PATH"),

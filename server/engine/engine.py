@@ -97,7 +97,12 @@ class Engine:
         self._adapter_index: dict[str, int] = {}
         self._adapter_identity: dict[str, bytes] = {}
         self._use_resident_adapters()
-        budget = StepBudget(config.max_prefill_tokens, config.min_prefill_tokens, config.decode_latency_factor)
+        budget = StepBudget(
+            config.max_prefill_tokens,
+            config.min_prefill_tokens,
+            config.decode_latency_factor,
+            config.prefill_burst_ratio,
+        )
         self._scheduler = Scheduler(self.blocks, config.max_batch_size, budget)
         self._context = SequenceContext(
             tokenization=self.tokenization,
