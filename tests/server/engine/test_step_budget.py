@@ -32,7 +32,7 @@ def test_prefill_budget_keeps_the_step_within_the_latency_factor() -> None:
         budget.observe(tokens, 0.020 + 0.001 * tokens)
     # 10 decoding + 2 prefilling: their decode step takes 0.032 s; factor 2 allows 0.064 s: 44 tokens, 10 of them decode
     assert budget.prefill_tokens(decoding_rows=10, prefilling_rows=2) == 34
-    # a burst of prompts behind a few streams: the batch being formed is large, so is the budget
+    # many prompts behind a few streams, bursts off: the batch being formed is large, so is the paced budget
     assert budget.prefill_tokens(decoding_rows=2, prefilling_rows=30) == 82
     many = StepBudget(max_prefill_tokens=64, min_prefill_tokens=16, decode_latency_factor=8.0, prefill_burst_ratio=0)
     for tokens in [8, 40, 16, 200] * 10:
