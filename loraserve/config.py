@@ -271,6 +271,13 @@ class EngineConfig:
         "(shared system prompts, chat histories, RAG contexts).",
     )
     cuda_graphs: bool = option(True, "Replay decode steps as captured CUDA graphs (CUDA only).")
+    decode_attention: str = option(
+        "auto",
+        "How decode steps attend over the KV cache. native: a C kernel, built for this CPU with its compiler (cc, or "
+        "$CC) at start-up, reads the blocks in place (CPU, float32 cache, head_dim 16, 32, 64 or 128); sdpa: gather "
+        "each sequence's blocks, then PyTorch's scaled_dot_product_attention; auto: native where it builds.",
+        choices=("auto", "native", "sdpa"),
+    )
     max_adapters: int = option(
         16,
         "Most LoRA adapters resident at once; loading another unloads the least recently used idle one.",

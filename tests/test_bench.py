@@ -158,3 +158,28 @@ def test_schedule_simulation_shows_bursts_taking_fewer_steps() -> None:
     paced, burst = (int(line.split(" steps")[0].rsplit(" ", 1)[1]) for line in lines)
     # a burst of 32 prompts fed at full size starts its streams together: fewer, fuller steps for the same work
     assert burst < paced
+
+
+def test_decode_attention_script_compares_both_paths_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "decode_attention.json"
+    result = run(
+        "bench/decode_attention.py",
+        "--model",
+        str(tiny_model_dir),
+        "--rows",
+        "1",
+        "4",
+        "--context",
+        "40",
+        "--steps",
+        "3",
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cpu flags:" in result.stdout
+    report = json.loads(out.read_text())
+    assert [(r["rows"], r["context"]) for r in report["results"]] == [(1, 40), (4, 40)]
+    for row in report["results"]:
+        assert row["sdpa_ms"] > 0 and row["native_ms"] > 0
+        assert row["max_logit_difference"] < 1e-3  # the two paths compute the same attention

@@ -40,6 +40,7 @@ from loraserve.server.engine.stats import EngineStats
 from loraserve.server.engine.step_budget import StepBudget
 from loraserve.server.engine.telemetry import Telemetry, wall_ns
 from loraserve.server.engine.tokenization import Tokenization
+from loraserve.server.models import paged_attention
 from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.cuda_graphs import DecodeGraphs
 from loraserve.server.models.kv_blocks import PagedKVCache, budget_bytes
@@ -130,8 +131,9 @@ class Engine:
     def _kv_cache(self, loaded: LoadedModel, config: EngineConfig) -> PagedKVCache:
         shape = self._runner_class.cache_shape(loaded.model, loaded.model.dtype)
         size = budget_bytes(parse_size(config.kv_cache_memory), loaded.model.device)
+        kernel = paged_attention.select(config.decode_attention, shape, loaded.model.device)
         try:
-            kv = PagedKVCache.within(shape, size, config.kv_block_size, loaded.model.device)
+            kv = PagedKVCache.within(shape, size, config.kv_block_size, loaded.model.device, kernel)
         except ValueError as error:
             raise ConfigError(f"--kv-cache-memory {config.kv_cache_memory}: {error}") from None
         logger.info(

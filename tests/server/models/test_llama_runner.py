@@ -1,6 +1,7 @@
 """The runner's forward pass against transformers' own, logit for logit, for each registered architecture: prompts
 fed in chunks, sequences at different stages in one step, and single-token decode steps, over scattered KV blocks;
-and the registry's refusal of other architectures."""
+with decode attention gathering blocks (sdpa) and reading them in place (the native kernel); and the registry's refusal
+of other architectures."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from loraserve.errors import ConfigError
+from loraserve.server.models import paged_attention
 from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.kv_blocks import PagedKVCache
 from loraserve.server.models.llama import QKV_PROJ, LlamaRunner, prepare_linears
@@ -46,8 +48,9 @@ def tiny(model_type: str):  # type: ignore[no-untyped-def]
     return model_cls(config_cls(**SHAPE, **extra)).eval()
 
 
+@pytest.mark.parametrize("decode_attention", ["sdpa", "native"])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_logits_match_transformers_for_chunks_and_decode(model_type: str) -> None:
+def test_logits_match_transformers_for_chunks_and_decode(model_type: str, decode_attention: str) -> None:
     model = tiny(model_type)
     torch.manual_seed(1)
     a, b = torch.randint(0, 300, (40,)).tolist(), torch.randint(0, 300, (25,)).tolist()
@@ -55,7 +58,10 @@ def test_logits_match_transformers_for_chunks_and_decode(model_type: str) -> Non
         expected_a = model(torch.tensor([a])).logits[0]  # [40, V]: next-token logits at every position
         expected_b = model(torch.tensor([b])).logits[0]
     runner_model = tiny(model_type)  # a fresh copy: prepare_linears drops the plain weights on a CPU
-    kv = PagedKVCache(LlamaRunner.cache_shape(runner_model, torch.float32), 12, 16, torch.device("cpu"))
+    shape = LlamaRunner.cache_shape(runner_model, torch.float32)
+    kernel = paged_attention.select(decode_attention, shape, torch.device("cpu"))
+    assert (kernel is None) == (decode_attention == "sdpa")
+    kv = PagedKVCache(shape, 12, 16, torch.device("cpu"), kernel)
     runner = runner_class(runner_model)(runner_model, prepare_linears(runner_model), kv, None)
     row_a, row_b = [7, 2, 10], [3, 8]  # scattered, interleaved blocks: nothing relies on a sequence being contiguous
     # Step 1: a's first chunk. Step 2: a's second chunk (ending its prompt prefix of 20) and b's whole prefix.

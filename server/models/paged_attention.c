@@ -1,0 +1,192 @@
+/* Decode attention over the paged KV cache, reading the blocks where they lie.
+
+   The portable path (gather every sequence's blocks into one tensor, then scaled_dot_product_attention) reads the
+   keys and values three times and writes them once; this reads them once. Each task is one sequence: for every
+   block, every kv head's query group scores the block's keys, and later every group accumulates the block's values,
+   so a block is swept while it is still in cache. Fewer sequences than 2 per thread split by kv head instead.
+
+   Layout (server/models/kv_blocks.py): keys and values of a layer are [num_blocks, block_size, kv_heads, head_dim]
+   float32; query heads h * groups .. (h + 1) * groups - 1 share kv head h. Written with GCC vector extensions, so
+   the compiler maps them onto whatever the CPU has (AVX-512, AVX2, AVX, SSE); built with -march=native at run time
+   by paged_attention.py. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+typedef float vf __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4), aligned(4)));
+
+static inline vf load(const float *p) { return *(const vf *)p; }
+static inline void store(float *p, vf v) { *(vf *)p = v; }
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf pick(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
+static inline vf vmax(vf a, vf b) { return pick(a > b, a, b); }
+
+static inline float hsum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; i++) s += v[i];
+    return s;
+}
+
+static inline float hmax(vf v) {
+    float m = v[0];
+    for (int i = 1; i < LANES; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+/* e^x for x <= 0 as 2^n * 2^f, n an integer and f in [-0.5, 0.5], 2^f by Cephes' exp2f polynomial (relative error
+   below 2e-7). Below -87 the result is about 1e-38 instead of underflowing. */
+static inline vf exp_nonpositive(vf x) {
+    vf t = vmax(x, splat(-87.0f)) * 1.44269504088896341f;
+    vf n = (t + 12582912.0f) - 12582912.0f; /* round to nearest by adding and removing 1.5 * 2^23 */
+    vf f = t - n;
+    vf p = splat(1.535336188319500e-4f);
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    return (vf)((vi)p + (__builtin_convertvector(n, vi) << 23));
+}
+
+/* scores[g * stride + j] = scale * q_g . k_j for G query heads of width D and a block's first `count` keys. D and G
+   are constants where this is inlined, so the queries and sums stay in registers. */
+static inline __attribute__((always_inline)) void score_block(const float *restrict q, const float *restrict keys,
+    int64_t count, float *restrict scores, int64_t stride, int64_t row_floats, float scale, const int D, const int G) {
+    const int C = D / LANES;
+    vf qv[G][C];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) qv[g][c] = load(q + g * D + c * LANES) * scale;
+    for (int64_t j = 0; j < count; j++) {
+        vf k[C];
+        for (int c = 0; c < C; c++) k[c] = load(keys + j * row_floats + c * LANES);
+        for (int g = 0; g < G; g++) {
+            vf t = qv[g][0] * k[0];
+            for (int c = 1; c < C; c++) t += qv[g][c] * k[c];
+            scores[g * stride + j] = hsum(t);
+        }
+    }
+}
+
+/* out_g += sum_j weights[g * stride + j] * v_j for G heads over a block's first `count` values. */
+static inline __attribute__((always_inline)) void accumulate_block(float *restrict out, const float *restrict values,
+    int64_t count, const float *restrict weights, int64_t stride, int64_t row_floats, const int D, const int G) {
+    const int C = D / LANES;
+    vf acc[G][C];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) acc[g][c] = load(out + g * D + c * LANES);
+    for (int64_t j = 0; j < count; j++) {
+        vf v[C];
+        for (int c = 0; c < C; c++) v[c] = load(values + j * row_floats + c * LANES);
+        for (int g = 0; g < G; g++) {
+            const float w = weights[g * stride + j];
+            for (int c = 0; c < C; c++) acc[g][c] += w * v[c];
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) store(out + g * D + c * LANES, acc[g][c]);
+}
+
+/* Calls call(D, G) with both as constants: head widths 16..128, query groups taken at most MAX_GROUP at a time. */
+#define MAX_GROUP(D) ((D) == 128 ? 2 : 4)
+#define BY_GROUP(call, D, n)                                                                                         \
+    switch (n) {                                                                                                     \
+    case 1: call(D, 1); break;                                                                                       \
+    case 2: call(D, 2); break;                                                                                       \
+    case 3: call(D, 3); break;                                                                                       \
+    default: call(D, 4);                                                                                             \
+    }
+#define BY_WIDTH(call, D, n)                                                                                         \
+    switch (D) {                                                                                                     \
+    case 16: BY_GROUP(call, 16, n) break;                                                                            \
+    case 32: BY_GROUP(call, 32, n) break;                                                                            \
+    case 64: BY_GROUP(call, 64, n) break;                                                                            \
+    default:                                                                                                         \
+        if (n == 1) call(128, 1);                                                                                    \
+        else call(128, 2);                                                                                           \
+    }
+
+/* One sequence: the query heads of kv heads [kv_first, kv_last) attend its first `length` positions. scores holds
+   (kv_last - kv_first) * groups rows of `stride` floats. */
+static void attend(const float *restrict q, const float *restrict keys, const float *restrict values,
+    const int64_t *restrict table, int64_t length, float *restrict out, float *restrict scores, int64_t kv_first,
+    int64_t kv_last, int64_t groups, int64_t row_floats, int64_t block_size, float scale, int D) {
+    const int64_t stride = (length + LANES - 1) / LANES * LANES, most = MAX_GROUP(D);
+    const int64_t first_head = kv_first * groups, heads = (kv_last - kv_first) * groups;
+    memset(out + first_head * D, 0, sizeof(float) * heads * D);
+    if (length <= 0) return;
+    for (int64_t start = 0, b = 0; start < length; start += block_size, b++) {
+        const int64_t count = length - start < block_size ? length - start : block_size;
+        const float *block = keys + table[b] * block_size * row_floats;
+        for (int64_t kv = kv_first; kv < kv_last; kv++)
+            for (int64_t g = 0; g < groups; g += most) {
+                const int64_t h = kv * groups + g, n = groups - g < most ? groups - g : most;
+                float *s = scores + (h - first_head) * stride + start;
+#define SCORE(D_, G_) score_block(q + h * D_, block + kv * D_, count, s, stride, row_floats, scale, D_, G_)
+                BY_WIDTH(SCORE, D, n)
+#undef SCORE
+            }
+    }
+    vi lane;
+    for (int i = 0; i < LANES; i++) lane[i] = i;
+    for (int64_t h = 0; h < heads; h++) {
+        float *s = scores + h * stride;
+        for (int64_t p = length; p < stride; p++) s[p] = 0.0f;
+        vf top = splat(-3.0e38f);
+        for (int64_t p = 0; p < stride; p += LANES)
+            top = vmax(top, pick(lane + (int32_t)p < (int32_t)length, load(s + p), splat(-3.0e38f)));
+        const float m = hmax(top);
+        vf total = splat(0.0f);
+        for (int64_t p = 0; p < stride; p += LANES) {
+            vf e = pick(lane + (int32_t)p < (int32_t)length, exp_nonpositive(load(s + p) - m), splat(0.0f));
+            store(s + p, e);
+            total += e;
+        }
+        const vf inverse = splat(1.0f / hsum(total));
+        for (int64_t p = 0; p < stride; p += LANES) store(s + p, load(s + p) * inverse);
+    }
+    for (int64_t start = 0, b = 0; start < length; start += block_size, b++) {
+        const int64_t count = length - start < block_size ? length - start : block_size;
+        const float *block = values + table[b] * block_size * row_floats;
+        for (int64_t kv = kv_first; kv < kv_last; kv++)
+            for (int64_t g = 0; g < groups; g += most) {
+                const int64_t h = kv * groups + g, n = groups - g < most ? groups - g : most;
+                const float *w = scores + (h - first_head) * stride + start;
+#define ACCUMULATE(D_, G_) accumulate_block(out + h * D_, block + kv * D_, count, w, stride, row_floats, D_, G_)
+                BY_WIDTH(ACCUMULATE, D, n)
+#undef ACCUMULATE
+            }
+    }
+}
+
+/* q, out: [rows, heads, head_dim]; keys, values: one layer's blocks; tables: [rows, table_width] block ids; lengths:
+   [rows] positions each row attends (at most table_width * block_size). Returns 0; 1 when scratch memory could not
+   be allocated; 2 for a head_dim other than 16, 32, 64 or 128. Runs on `threads` OpenMP threads. */
+int paged_decode_attention(const float *q, const float *keys, const float *values, const int64_t *tables,
+                           const int64_t *lengths, float *out, int64_t rows, int64_t table_width, int64_t heads,
+                           int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, int threads) {
+    if (head_dim != 16 && head_dim != 32 && head_dim != 64 && head_dim != 128) return 2;
+    const int64_t groups = heads / kv_heads, split = rows < 2 * threads ? kv_heads : 1, per_task = kv_heads / split;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * per_task * groups * (table_width * block_size + LANES));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < rows * split; task++) {
+            if (scores == NULL) continue;
+            const int64_t row = task / split, part = task % split;
+            attend(q + row * heads * head_dim, keys, values, tables + row * table_width, lengths[row],
+                   out + row * heads * head_dim, scores, part * per_task, (part + 1) * per_task, groups,
+                   kv_heads * head_dim, block_size, scale, (int)head_dim);
+        }
+        free(scores);
+    }
+    return failed;
+}

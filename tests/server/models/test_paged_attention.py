@@ -1,0 +1,145 @@
+"""The native decode-attention kernel against attention computed plainly in float64 over each sequence's blocks:
+every head width and query-group size it specialises, blocks in any order, lengths on and off block boundaries,
+one thread and several; and how --decode-attention chooses it or falls back, with the reason."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from loraserve.errors import ConfigError
+from loraserve.server.models import paged_attention
+from loraserve.server.models.kv_blocks import CacheShape, PagedKVCache
+
+CPU = torch.device("cpu")
+
+
+def reference(q, keys, values, tables, lengths):  # type: ignore[no-untyped-def]
+    """softmax(q k^T / sqrt(d)) v per sequence, in float64, reading its blocks in table order."""
+    rows, heads, head_dim = q.shape
+    kv_heads = keys.shape[2]
+    out = torch.empty(rows, heads, head_dim, dtype=torch.float64)
+    for row in range(rows):
+        length = int(lengths[row])
+        k = keys[tables[row]].reshape(-1, kv_heads, head_dim)[:length].double()  # [length, kv_heads, head_dim]
+        v = values[tables[row]].reshape(-1, kv_heads, head_dim)[:length].double()
+        group = heads // kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [length, heads, head_dim]
+        scores = torch.einsum("hd,phd->hp", q[row].double(), k) / head_dim**0.5
+        out[row] = torch.einsum("hp,phd->hd", scores.softmax(-1), v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def kernel() -> paged_attention.PagedDecodeKernel:
+    return paged_attention.build()
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "kv_heads"),
+    [(16, 4, 2), (32, 6, 3), (64, 9, 3), (64, 7, 1), (64, 4, 4), (64, 10, 2), (128, 6, 2), (128, 2, 2)],
+)
+@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_the_kernel_matches_attention_over_each_sequences_blocks(
+    kernel: paged_attention.PagedDecodeKernel, head_dim: int, heads: int, kv_heads: int, rows: int, block_size: int
+) -> None:
+    generator = torch.Generator().manual_seed(head_dim * 100 + heads * 10 + rows)
+    num_blocks = 80
+    keys = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    values = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    width = 7
+    order = torch.randperm(num_blocks - 1, generator=generator)[: rows * width] + 1  # any block, in any order
+    tables = order.view(rows, width)
+    # 1 position, a full block, one past a block, up to the whole table
+    choices = torch.tensor([1, block_size, block_size + 1, width * block_size, 2 * block_size - 1, 3])
+    lengths = choices[torch.arange(rows) % len(choices)]
+    q = torch.randn(rows, heads, head_dim, generator=generator) * 3  # sharper softmax than unit scale
+    out = kernel(q, keys, values, tables, lengths)
+    torch.testing.assert_close(out.double(), reference(q, keys, values, tables, lengths), atol=2e-5, rtol=2e-5)
+
+
+def test_one_thread_and_two_give_the_same_result(kernel: paged_attention.PagedDecodeKernel) -> None:
+    generator = torch.Generator().manual_seed(7)
+    keys, values = torch.randn(2, 40, 16, 3, 64, generator=generator)
+    tables = torch.randperm(39, generator=generator)[:36].add(1).view(12, 3)
+    lengths = torch.randint(1, 49, (12,), generator=generator)
+    q = torch.randn(12, 9, 64, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(q, keys, values, tables, lengths)
+        torch.set_num_threads(2)
+        two = kernel(q, keys, values, tables, lengths)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each task is one thread's, whatever the split: bit for bit
+
+
+def test_the_cache_hands_the_kernel_its_own_blocks(kernel: paged_attention.PagedDecodeKernel) -> None:
+    shape = CacheShape(num_layers=2, kv_heads=2, head_dim=32, dtype=torch.float32)
+    cache = PagedKVCache(shape, 10, 4, CPU, kernel)
+    generator = torch.Generator().manual_seed(3)
+    slots = torch.tensor([cache.slot([6, 2], p) for p in range(7)])
+    for layer in range(2):
+        cache.write(
+            layer, slots, torch.randn(7, 2, 32, generator=generator), torch.randn(7, 2, 32, generator=generator)
+        )
+    tables, lengths = torch.tensor([[6, 2]]), torch.tensor([7])
+    q = torch.randn(1, 4, 32, generator=generator)
+    for layer in range(2):
+        keys, values = cache.gather(layer, tables)  # [1, kv_heads, 8, head_dim]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[:, :, :7], values[:, :, :7], enable_gqa=True
+        )[0].transpose(0, 1)
+        torch.testing.assert_close(cache.attend_in_place(layer, q, tables, lengths), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_without_a_kernel_refuses_to_attend_in_place() -> None:
+    cache = PagedKVCache(CacheShape(1, 1, 16, torch.float32), 4, 4, CPU)
+    with pytest.raises(RuntimeError, match="needs a kernel"):
+        cache.attend_in_place(0, torch.zeros(1, 1, 16), torch.tensor([[1]]), torch.tensor([1]))
+
+
+@pytest.mark.parametrize(
+    ("shape", "device", "reason"),
+    [
+        (CacheShape(2, 2, 80, torch.float32), CPU, "head_dim 80 is not one of 16, 32, 64, 128"),
+        (CacheShape(2, 2, 64, torch.bfloat16), CPU, "float32 KV cache, and this one is bfloat16"),
+        (CacheShape(2, 2, 64, torch.float32), torch.device("cuda"), "runs on a CPU, and the model is on cuda"),
+    ],
+)
+def test_caches_the_kernel_cannot_read_fall_back_or_fail_with_the_reason(
+    shape: CacheShape, device: torch.device, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert reason in str(paged_attention.unsupported(shape, device))
+    with caplog.at_level(logging.INFO, logger=paged_attention.__name__):
+        assert paged_attention.select("auto", shape, device) is None
+    assert any(reason in str(getattr(record, "reason", "")) for record in caplog.records)
+    with pytest.raises(ConfigError, match=f"--decode-attention native: .*{reason}"):
+        paged_attention.select("native", shape, device)
+
+
+def test_sdpa_never_builds_and_auto_uses_the_kernel_where_it_can() -> None:
+    shape = CacheShape(2, 2, 64, torch.float32)
+    assert paged_attention.select("sdpa", shape, CPU) is None
+    assert paged_attention.select("auto", shape, CPU) is paged_attention.build()  # built once per process
+    assert paged_attention.select("native", shape, CPU) is paged_attention.build()
+
+
+@pytest.mark.parametrize(
+    ("compiler", "message"),
+    [("no-such-compiler-here", "no C compiler 'no-such-compiler-here' on PATH"), ("false", "false could not build")],
+)
+def test_a_compiler_that_is_missing_or_fails_leaves_the_portable_path(
+    compiler: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(paged_attention.KernelUnavailable, match=message):
+        paged_attention.compile_kernel(compiler)
+    monkeypatch.setattr(paged_attention, "build", lambda: paged_attention.compile_kernel(compiler))
+    shape = CacheShape(2, 2, 64, torch.float32)
+    assert paged_attention.select("auto", shape, CPU) is None
+    with pytest.raises(ConfigError, match=f"--decode-attention native: {message}"):
+        paged_attention.select("native", shape, CPU)
