@@ -37,9 +37,9 @@ ENV PATH=/opt/loraserve/bin:$PATH \
     LORASERVE_RAG_STORE=/var/lib/loraserve/collections \
     LORASERVE_PORT=50051 \
     LORASERVE_METRICS_PORT=9464
-# gcc: at start-up loraserve compiles its decode-attention kernel for the CPU it runs on (--decode-attention; without
-# a compiler it falls back to the portable path). gcc is pinned; libc6-dev is left to apt because it must match the
-# base image's libc6, which the image's security updates move.
+# gcc: at start-up loraserve compiles its C kernels for the CPU it runs on (--kernels; without a compiler the model
+# runs on PyTorch ops). gcc is pinned; libc6-dev is left to apt because it must match the base image's libc6, which
+# the image's security updates move.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install --yes --no-install-recommends "gcc=4:12.2.0-3" libc6-dev \

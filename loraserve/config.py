@@ -271,12 +271,12 @@ class EngineConfig:
         "(shared system prompts, chat histories, RAG contexts).",
     )
     cuda_graphs: bool = option(True, "Replay decode steps as captured CUDA graphs (CUDA only).")
-    decode_attention: str = option(
+    kernels: str = option(
         "auto",
-        "How decode steps attend over the KV cache. native: a C kernel, built for this CPU with its compiler (cc, or "
-        "$CC) at start-up, reads the blocks in place (CPU, float32 cache, head_dim 16, 32, 64 or 128); sdpa: gather "
-        "each sequence's blocks, then PyTorch's scaled_dot_product_attention; auto: native where it builds.",
-        choices=("auto", "native", "sdpa"),
+        "native: C kernels, built for this CPU by its compiler (cc, or $CC) at start-up, run decode attention "
+        "(reading the KV blocks in place), RMSNorm, RoPE and SwiGLU (CPU, float32, head_dim 16, 32, 64 or 128); "
+        "torch: PyTorch ops only; auto: native where they build and fit the model.",
+        choices=("auto", "native", "torch"),
     )
     max_adapters: int = option(
         16,

@@ -160,10 +160,10 @@ def test_schedule_simulation_shows_bursts_taking_fewer_steps() -> None:
     assert burst < paced
 
 
-def test_decode_attention_script_compares_both_paths_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "decode_attention.json"
+def test_kernels_script_compares_both_paths_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kernels.json"
     result = run(
-        "bench/decode_attention.py",
+        "bench/native_kernels.py",
         "--model",
         str(tiny_model_dir),
         "--rows",
@@ -173,13 +173,18 @@ def test_decode_attention_script_compares_both_paths_on_a_tiny_model(tiny_model_
         "40",
         "--steps",
         "3",
+        "--prefill-tokens",
+        "64",
+        "--prefill-steps",
+        "2",
         "--output",
         str(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cpu flags:" in result.stdout
     report = json.loads(out.read_text())
-    assert [(r["rows"], r["context"]) for r in report["results"]] == [(1, 40), (4, 40)]
-    for row in report["results"]:
-        assert row["sdpa_ms"] > 0 and row["native_ms"] > 0
-        assert row["max_logit_difference"] < 1e-3  # the two paths compute the same attention
+    assert [(r["rows"], r["context"]) for r in report["decode"]] == [(1, 40), (4, 40)]
+    assert report["prefill"]["prefill_tokens"] == 64
+    for row in [*report["decode"], report["prefill"]]:
+        assert row["torch_ms"] > 0 and row["native_ms"] > 0
+        assert row["max_logit_difference"] < 1e-3  # the two paths compute the same model

@@ -40,7 +40,7 @@ from loraserve.server.engine.stats import EngineStats
 from loraserve.server.engine.step_budget import StepBudget
 from loraserve.server.engine.telemetry import Telemetry, wall_ns
 from loraserve.server.engine.tokenization import Tokenization
-from loraserve.server.models import paged_attention
+from loraserve.server.models import native
 from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.cuda_graphs import DecodeGraphs
 from loraserve.server.models.kv_blocks import PagedKVCache, budget_bytes
@@ -89,7 +89,8 @@ class Engine:
         self._runner_class = runner_class(loaded.model)
         self.kv = self._kv_cache(loaded, config)
         self.blocks = BlockManager(self.kv.usable_blocks, self.kv.block_size, config.prefix_caching)
-        self._runner = self._runner_class(loaded.model, loaded.linears, self.kv, None)
+        kernels = native.select(config.kernels, self.kv.shape, loaded.model.device)
+        self._runner = self._runner_class(loaded.model, loaded.linears, self.kv, None, kernels)
         self._graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self._runner.device.type == "cuda" and loaded.description.quantization == "none":
             self._graphs = DecodeGraphs(self._runner, config.max_batch_size, capture=True)
@@ -131,9 +132,8 @@ class Engine:
     def _kv_cache(self, loaded: LoadedModel, config: EngineConfig) -> PagedKVCache:
         shape = self._runner_class.cache_shape(loaded.model, loaded.model.dtype)
         size = budget_bytes(parse_size(config.kv_cache_memory), loaded.model.device)
-        kernel = paged_attention.select(config.decode_attention, shape, loaded.model.device)
         try:
-            kv = PagedKVCache.within(shape, size, config.kv_block_size, loaded.model.device, kernel)
+            kv = PagedKVCache.within(shape, size, config.kv_block_size, loaded.model.device)
         except ValueError as error:
             raise ConfigError(f"--kv-cache-memory {config.kv_cache_memory}: {error}") from None
         logger.info(

@@ -2,8 +2,8 @@
 
 This is the one module that knows how a sequence's positions map to memory. A sequence owns a block table (its
 blocks, in order); position p of the sequence lives in block table[p // block_size] at offset p % block_size.
-The runner writes keys and values through `write` and reads them through `gather`, or through `attend_in_place`
-when a native kernel that knows this layout (paged_attention.c) is attached; the CUDA-graph buffers are sized by
+The runner writes keys and values through `write` and reads them through `gather`, or hands `pools` to the native
+decode-attention kernel (paged_attention.c, which reads this layout in place); the CUDA-graph buffers are sized by
 `blocks_for`, and the engine's block manager hands out block ids from `usable_blocks`; none of them encodes the
 layout itself.
 
@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from loraserve.server.models.paged_attention import PagedDecodeKernel
 
 # Block 0 is never handed out: padded rows of a fixed-shape (CUDA graph) step write their keys there.
 SCRATCH_BLOCK = 0
@@ -60,37 +56,22 @@ class CacheShape:
 class PagedKVCache:
     """Keys and values of every layer in blocks of `block_size` positions. Only the engine thread uses it."""
 
-    def __init__(
-        self,
-        shape: CacheShape,
-        num_blocks: int,
-        block_size: int,
-        device: torch.device,
-        kernel: PagedDecodeKernel | None = None,
-    ) -> None:
+    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int, device: torch.device) -> None:
         if num_blocks < 2:
             raise ValueError(f"a KV cache of {num_blocks} blocks is too small; it needs at least 2")
         self.shape = shape
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = device
-        self.kernel = kernel  # reads this layout in place; None: decode attention gathers
         size = (num_blocks, block_size, shape.kv_heads, shape.head_dim)
         # Zeroed: masked positions are read too, and a NaN from uninitialised memory would poison a row (NaN * 0).
         self._keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
         self._values = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
 
     @classmethod
-    def within(
-        cls,
-        shape: CacheShape,
-        size_bytes: int,
-        block_size: int,
-        device: torch.device,
-        kernel: PagedDecodeKernel | None = None,
-    ) -> PagedKVCache:
+    def within(cls, shape: CacheShape, size_bytes: int, block_size: int, device: torch.device) -> PagedKVCache:
         """As many blocks as fit in size_bytes."""
-        return cls(shape, size_bytes // (shape.bytes_per_token * block_size), block_size, device, kernel)
+        return cls(shape, size_bytes // (shape.bytes_per_token * block_size), block_size, device)
 
     @property
     def usable_blocks(self) -> int:
@@ -125,9 +106,7 @@ class PagedKVCache:
         values = self._values[layer].view(self.num_blocks, -1).index_select(0, flat).view(shape)
         return keys.transpose(1, 2), values.transpose(1, 2)
 
-    def attend_in_place(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Decode attention by the attached kernel, reading the blocks where they lie. q: [S, heads, head_dim]; tables:
-        [S, n] block ids; lengths: [S] positions each row attends. Returns [S, heads, head_dim]."""
-        if self.kernel is None:
-            raise RuntimeError("attend_in_place needs a kernel; this cache has none")
-        return self.kernel(q, self._keys[layer], self._values[layer], tables, lengths)
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values as stored, [num_blocks, block_size, kv_heads, head_dim] each, for a kernel that
+        reads the blocks in place."""
+        return self._keys[layer], self._values[layer]

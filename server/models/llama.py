@@ -25,6 +25,7 @@ from loraserve.errors import ConfigError
 from loraserve.server.models import cpu_linear
 from loraserve.server.models.kv_blocks import SCRATCH_BLOCK, CacheShape, PagedKVCache
 from loraserve.server.models.lora import LoraBanks
+from loraserve.server.models.native import NativeKernels
 from loraserve.server.models.runner import Linear
 from loraserve.server.models.types import RowWork
 
@@ -35,6 +36,8 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # q_proj, k_proj and v_proj of a layer as one linear layer (outputs side by side), where prepare_linears fuses them
 QKV_PROJ = "qkv_proj"
+# The RMSNorm modules whose forward the native rms_norm computes (weight * x / sqrt(mean(x^2) + eps))
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 # oneDNN picks its blocking for this batch size; measured fine from 1 to 512 rows.
 PACKING_BATCH_HINT = 32
 
@@ -120,6 +123,7 @@ class LlamaRunner:
         linears: dict[tuple[int, str], Linear],
         kv_cache: PagedKVCache,
         lora: LoraBanks | None,
+        kernels: NativeKernels | None = None,
     ) -> None:
         check_config(model.config)
         config = model.config
@@ -133,6 +137,14 @@ class LlamaRunner:
         self.num_heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # The native kernels where the model's own modules compute what they do; PyTorch ops elsewhere.
+        self.kernels = kernels
+        norms = [
+            self.decoder.norm,
+            *(m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)),
+        ]
+        self._native_norms = kernels is not None and all(type(m).__name__ in RMS_NORMS for m in norms)
+        self._native_swiglu = kernels is not None and config.hidden_act == "silu"
 
     check_config = staticmethod(check_config)
     prepare_linears = staticmethod(prepare_linears)
@@ -196,8 +208,8 @@ class LlamaRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _gather_mask(self, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
-        """decode_mask where decode attention gathers; None where the cache's kernel reads lengths itself."""
-        return None if self.kv.kernel is not None else self.decode_mask(tables, lengths)
+        """decode_mask where decode attention gathers; None where the native kernel reads the blocks in place."""
+        return None if self.kernels is not None else self.decode_mask(tables, lengths)
 
     def decode_mask(self, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Which gathered positions each single-token row attends, built once for all layers. tables: [S, n] block
@@ -255,12 +267,12 @@ class LlamaRunner:
         uses_lora=False skips the adapters when no token has one."""
         hidden = self.decoder.embed_tokens(token_ids)  # [T, hidden]
         cos, sin = self.decoder.rotary_emb(hidden[None], positions[None])  # [1, T, head_dim] each
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]: broadcast over heads
+        cos, sin = cos[0], sin[0]  # [T, head_dim]
         lora_rows = self.lora.row_masks(adapters) if self.lora and uses_lora else {}
         for index, layer in enumerate(self.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, lora_rows, slots, attend)
         last = hidden if logit_index is None else hidden[logit_index]
-        return self.linears[(-1, "lm_head")](self.decoder.norm(last)).float()  # [R, V]
+        return self.linears[(-1, "lm_head")](self._norm(self.decoder.norm, last)).float()  # [R, V]
 
     def _qkv(self, index: int, x: torch.Tensor, lora_rows: dict[int, torch.Tensor]) -> torch.Tensor:
         """q, k and v projected side by side, each with its adapters: [T, (heads + 2 * kv_heads) * head_dim]."""
@@ -295,18 +307,36 @@ class LlamaRunner:
         attend: Attention,
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
-        x = layer.input_layernorm(hidden)
+        x = self._norm(layer.input_layernorm, hidden)
         qkv = self._qkv(index, x, lora_rows).view(tokens, self.num_heads + 2 * self.kv_heads, self.head_dim)
-        qk = qkv[:, : self.num_heads + self.kv_heads]
-        qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k at once
-        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, self.num_heads + self.kv_heads :]
+        q, k, v = self._rotate(qkv, cos, sin)
         self.kv.write(index, slots, k, v)
         context = attend(index, q)  # [T, heads, head_dim]
         hidden = hidden + self._project(index, "o_proj", context.reshape(tokens, -1), lora_rows)
-        x = layer.post_attention_layernorm(hidden)
+        x = self._norm(layer.post_attention_layernorm, hidden)
         gate = self._project(index, "gate_proj", x, lora_rows)
         up = self._project(index, "up_proj", x, lora_rows)
-        return hidden + self._project(index, "down_proj", layer.mlp.act_fn(gate) * up, lora_rows)
+        activated = self.kernels.silu_mul(gate, up) if self._native_swiglu else layer.mlp.act_fn(gate) * up
+        return hidden + self._project(index, "down_proj", activated, lora_rows)
+
+    def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._native_norms:
+            return self.kernels.rms_norm(x, module.weight, module.variance_epsilon)
+        return module(x)
+
+    def _rotate(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE on q and k at once; returns q, k and v. qkv: [T, heads + 2 * kv_heads, head_dim] (contiguous); cos,
+        sin: [T, head_dim]."""
+        rotated = self.num_heads + self.kv_heads
+        if self.kernels is not None:
+            self.kernels.rope_(qkv, cos, sin, rotated)  # in place: qkv is this step's own projection output
+            qk = qkv
+        else:
+            qk = qkv[:, :rotated]
+            qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]  # broadcast over heads
+        return qk[:, : self.num_heads], qk[:, self.num_heads : rotated], qkv[:, rotated:]
 
     def _mixed_attention(self, layer: int, q: torch.Tensor, step: PackedStep) -> torch.Tensor:
         singles = step.single_tables.shape[0]
@@ -326,13 +356,13 @@ class LlamaRunner:
         self, layer: int, q: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """One query per sequence, all at once. q: [S, heads, head_dim]; tables: [S, n]; lengths: [S]; mask:
-        decode_mask(tables, lengths), or None when the cache's native kernel reads the blocks in place.
+        decode_mask(tables, lengths), or None when the native kernel reads the blocks in place.
 
         Gathering, the query heads that share a key-value head go in as that head's rows of queries (a decode query
         attends every cached position, so no causal order among them): one attention per key-value head instead of
         repeating keys and values per query head (measured 10% faster than enable_gqa on a CPU)."""
         if mask is None:
-            return self.kv.attend_in_place(layer, q, tables, lengths)
+            return self.kernels.decode_attention(q, *self.kv.pools(layer), tables, lengths)
         keys, values = self.kv.gather(layer, tables)  # [S, kv_heads, n * block_size, head_dim]
         rows = q.shape[0]
         grouped = q.reshape(rows, self.kv_heads, self.num_heads // self.kv_heads, self.head_dim)

@@ -6,51 +6,13 @@
    so a block is swept while it is still in cache. Fewer sequences than 2 per thread split by kv head instead.
 
    Layout (server/models/kv_blocks.py): keys and values of a layer are [num_blocks, block_size, kv_heads, head_dim]
-   float32; query heads h * groups .. (h + 1) * groups - 1 share kv head h. Written with GCC vector extensions, so
-   the compiler maps them onto whatever the CPU has (AVX-512, AVX2, AVX, SSE); built with -march=native at run time
-   by paged_attention.py. */
+   float32; query heads h * groups .. (h + 1) * groups - 1 share kv head h. Built for the CPU at start-up by
+   native.py. */
 
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 16
-typedef float vf __attribute__((vector_size(LANES * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(LANES * 4), aligned(4)));
-
-static inline vf load(const float *p) { return *(const vf *)p; }
-static inline void store(float *p, vf v) { *(vf *)p = v; }
-static inline vf splat(float x) { return (vf){0} + x; }
-static inline vf pick(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
-static inline vf vmax(vf a, vf b) { return pick(a > b, a, b); }
-
-static inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < LANES; i++) s += v[i];
-    return s;
-}
-
-static inline float hmax(vf v) {
-    float m = v[0];
-    for (int i = 1; i < LANES; i++) m = v[i] > m ? v[i] : m;
-    return m;
-}
-
-/* e^x for x <= 0 as 2^n * 2^f, n an integer and f in [-0.5, 0.5], 2^f by Cephes' exp2f polynomial (relative error
-   below 2e-7). Below -87 the result is about 1e-38 instead of underflowing. */
-static inline vf exp_nonpositive(vf x) {
-    vf t = vmax(x, splat(-87.0f)) * 1.44269504088896341f;
-    vf n = (t + 12582912.0f) - 12582912.0f; /* round to nearest by adding and removing 1.5 * 2^23 */
-    vf f = t - n;
-    vf p = splat(1.535336188319500e-4f);
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    return (vf)((vi)p + (__builtin_convertvector(n, vi) << 23));
-}
+#include "simd.h"
 
 /* scores[g * stride + j] = scale * q_g . k_j for G query heads of width D and a block's first `count` keys. D and G
    are constants where this is inlined, so the queries and sums stay in registers. */

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from loraserve.server.models.kv_blocks import CacheShape, PagedKVCache
     from loraserve.server.models.lora import LoraBanks
+    from loraserve.server.models.native import NativeKernels
 
 Linear = Callable[["torch.Tensor"], "torch.Tensor"]
 
@@ -50,6 +51,7 @@ class ModelRunnerClass(Protocol):
         linears: dict[tuple[int, str], Linear],
         kv_cache: PagedKVCache,
         lora: LoraBanks | None,
+        kernels: NativeKernels | None = None,
     ) -> ModelRunner: ...
 
     @staticmethod

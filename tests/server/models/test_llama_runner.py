@@ -1,7 +1,7 @@
 """The runner's forward pass against transformers' own, logit for logit, for each registered architecture: prompts
 fed in chunks, sequences at different stages in one step, and single-token decode steps, over scattered KV blocks;
-with decode attention gathering blocks (sdpa) and reading them in place (the native kernel); and the registry's refusal
-of other architectures."""
+on PyTorch ops and on the native kernels (decode attention reading the blocks in place, RMSNorm, RoPE, SwiGLU); and the
+registry's refusal of other architectures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loraserve.errors import ConfigError
-from loraserve.server.models import paged_attention
+from loraserve.server.models import native
 from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.kv_blocks import PagedKVCache
 from loraserve.server.models.llama import QKV_PROJ, LlamaRunner, prepare_linears
@@ -48,9 +48,9 @@ def tiny(model_type: str):  # type: ignore[no-untyped-def]
     return model_cls(config_cls(**SHAPE, **extra)).eval()
 
 
-@pytest.mark.parametrize("decode_attention", ["sdpa", "native"])
+@pytest.mark.parametrize("kernels", ["torch", "native"])
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_logits_match_transformers_for_chunks_and_decode(model_type: str, decode_attention: str) -> None:
+def test_logits_match_transformers_for_chunks_and_decode(model_type: str, kernels: str) -> None:
     model = tiny(model_type)
     torch.manual_seed(1)
     a, b = torch.randint(0, 300, (40,)).tolist(), torch.randint(0, 300, (25,)).tolist()
@@ -59,10 +59,10 @@ def test_logits_match_transformers_for_chunks_and_decode(model_type: str, decode
         expected_b = model(torch.tensor([b])).logits[0]
     runner_model = tiny(model_type)  # a fresh copy: prepare_linears drops the plain weights on a CPU
     shape = LlamaRunner.cache_shape(runner_model, torch.float32)
-    kernel = paged_attention.select(decode_attention, shape, torch.device("cpu"))
-    assert (kernel is None) == (decode_attention == "sdpa")
-    kv = PagedKVCache(shape, 12, 16, torch.device("cpu"), kernel)
-    runner = runner_class(runner_model)(runner_model, prepare_linears(runner_model), kv, None)
+    native_kernels = native.select(kernels, shape, torch.device("cpu"))
+    assert (native_kernels is None) == (kernels == "torch")
+    kv = PagedKVCache(shape, 12, 16, torch.device("cpu"))
+    runner = runner_class(runner_model)(runner_model, prepare_linears(runner_model), kv, None, native_kernels)
     row_a, row_b = [7, 2, 10], [3, 8]  # scattered, interleaved blocks: nothing relies on a sequence being contiguous
     # Step 1: a's first chunk. Step 2: a's second chunk (ending its prompt prefix of 20) and b's whole prefix.
     runner.step([RowWork(row_a, a[:7], 0, wants_logits=False)])
@@ -80,7 +80,8 @@ def test_logits_match_transformers_for_chunks_and_decode(model_type: str, decode
             torch.testing.assert_close(logits[1], expected_b[position - 10], atol=1e-4, rtol=1e-4)
 
 
-def test_an_adapter_on_every_projection_matches_peft_beside_a_base_row(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kernels", ["torch", "native"])
+def test_an_adapter_on_every_projection_matches_peft_beside_a_base_row(tmp_path, kernels: str) -> None:  # type: ignore[no-untyped-def]
     """q, k and v run as one fused projection on a CPU; each one's LoRA update must still land on its own slice."""
     from peft import LoraConfig, get_peft_model
 
@@ -103,8 +104,9 @@ def test_an_adapter_on_every_projection_matches_peft_beside_a_base_row(tmp_path)
         AdapterSpec("all", str(tmp_path)), LlamaRunner.projection_features(runner_model), SHAPE["num_hidden_layers"]
     )
     banks = LoraBanks([adapter], LlamaRunner.projection_features(runner_model), 2, torch.float32, torch.device("cpu"))
-    kv = PagedKVCache(LlamaRunner.cache_shape(runner_model, torch.float32), 8, 16, torch.device("cpu"))
-    runner = LlamaRunner(runner_model, linears, kv, banks)
+    shape = LlamaRunner.cache_shape(runner_model, torch.float32)
+    kv = PagedKVCache(shape, 8, 16, torch.device("cpu"))
+    runner = LlamaRunner(runner_model, linears, kv, banks, native.select(kernels, shape, torch.device("cpu")))
     logits = runner.step([RowWork([1], tokens, 0, adapter=0), RowWork([2], tokens, 0)])
     torch.testing.assert_close(logits[0], adapted, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[1], base, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,187 @@
+"""The native kernels. Decode attention against attention computed plainly in float64 over each sequence's blocks:
+every head width and query-group size it specialises, blocks in any order, lengths on and off block boundaries, one
+thread and several. RMSNorm, RoPE and SwiGLU against transformers' and torch's own. And how --kernels chooses them
+or falls back, with the reason."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from loraserve.errors import ConfigError
+from loraserve.server.models import native
+from loraserve.server.models.kv_blocks import CacheShape, PagedKVCache
+
+CPU = torch.device("cpu")
+
+
+def reference(q, keys, values, tables, lengths):  # type: ignore[no-untyped-def]
+    """softmax(q k^T / sqrt(d)) v per sequence, in float64, reading its blocks in table order."""
+    rows, heads, head_dim = q.shape
+    kv_heads = keys.shape[2]
+    out = torch.empty(rows, heads, head_dim, dtype=torch.float64)
+    for row in range(rows):
+        length = int(lengths[row])
+        k = keys[tables[row]].reshape(-1, kv_heads, head_dim)[:length].double()  # [length, kv_heads, head_dim]
+        v = values[tables[row]].reshape(-1, kv_heads, head_dim)[:length].double()
+        group = heads // kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [length, heads, head_dim]
+        scores = torch.einsum("hd,phd->hp", q[row].double(), k) / head_dim**0.5
+        out[row] = torch.einsum("hp,phd->hd", scores.softmax(-1), v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.NativeKernels:
+    return native.build()
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "kv_heads"),
+    [(16, 4, 2), (32, 6, 3), (64, 9, 3), (64, 7, 1), (64, 4, 4), (64, 10, 2), (128, 6, 2), (128, 2, 2)],
+)
+@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_the_kernel_matches_attention_over_each_sequences_blocks(
+    kernels: native.NativeKernels, head_dim: int, heads: int, kv_heads: int, rows: int, block_size: int
+) -> None:
+    generator = torch.Generator().manual_seed(head_dim * 100 + heads * 10 + rows)
+    num_blocks = 80
+    keys = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    values = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    width = 7
+    order = torch.randperm(num_blocks - 1, generator=generator)[: rows * width] + 1  # any block, in any order
+    tables = order.view(rows, width)
+    # 1 position, a full block, one past a block, up to the whole table
+    choices = torch.tensor([1, block_size, block_size + 1, width * block_size, 2 * block_size - 1, 3])
+    lengths = choices[torch.arange(rows) % len(choices)]
+    q = torch.randn(rows, heads, head_dim, generator=generator) * 3  # sharper softmax than unit scale
+    out = kernels.decode_attention(q, keys, values, tables, lengths)
+    torch.testing.assert_close(out.double(), reference(q, keys, values, tables, lengths), atol=2e-5, rtol=2e-5)
+
+
+def test_one_thread_and_two_give_the_same_result(kernels: native.NativeKernels) -> None:
+    generator = torch.Generator().manual_seed(7)
+    keys, values = torch.randn(2, 40, 16, 3, 64, generator=generator)
+    tables = torch.randperm(39, generator=generator)[:36].add(1).view(12, 3)
+    lengths = torch.randint(1, 49, (12,), generator=generator)
+    q = torch.randn(12, 9, 64, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.decode_attention(q, keys, values, tables, lengths)
+        torch.set_num_threads(2)
+        two = kernels.decode_attention(q, keys, values, tables, lengths)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each task is one thread's, whatever the split: bit for bit
+
+
+def test_the_kernel_reads_the_caches_own_pools(kernels: native.NativeKernels) -> None:
+    shape = CacheShape(num_layers=2, kv_heads=2, head_dim=32, dtype=torch.float32)
+    cache = PagedKVCache(shape, 10, 4, CPU)
+    generator = torch.Generator().manual_seed(3)
+    slots = torch.tensor([cache.slot([6, 2], p) for p in range(7)])
+    for layer in range(2):
+        cache.write(
+            layer, slots, torch.randn(7, 2, 32, generator=generator), torch.randn(7, 2, 32, generator=generator)
+        )
+    tables, lengths = torch.tensor([[6, 2]]), torch.tensor([7])
+    q = torch.randn(1, 4, 32, generator=generator)
+    for layer in range(2):
+        keys, values = cache.gather(layer, tables)  # [1, kv_heads, 8, head_dim]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[:, :, :7], values[:, :, :7], enable_gqa=True
+        )[0].transpose(0, 1)
+        out = kernels.decode_attention(q, *cache.pools(layer), tables, lengths)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [576, 64, 37])  # SmolLM2's, a multiple of the vector width, and one with a tail
+@pytest.mark.parametrize("rows", [1, 300])  # one row, and enough to split over threads
+def test_rms_norm_matches_transformers(kernels: native.NativeKernels, width: int, rows: int) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(width + rows)
+    norm = LlamaRMSNorm(width, eps=1e-5)
+    norm.weight.data = torch.randn(width, generator=generator)
+    x = torch.randn(rows, width, generator=generator) * 4
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+
+
+@pytest.mark.parametrize(("heads", "rotated", "head_dim"), [(15, 12, 64), (8, 6, 16), (4, 2, 128)])
+@pytest.mark.parametrize("rows", [1, 200])
+def test_rope_turns_the_first_heads_in_place_as_transformers_does(
+    kernels: native.NativeKernels, heads: int, rotated: int, head_dim: int, rows: int
+) -> None:
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    generator = torch.Generator().manual_seed(heads * rows)
+    x = torch.randn(rows, heads, head_dim, generator=generator)
+    angles = torch.rand(rows, head_dim // 2, generator=generator) * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    expected = x.clone()
+    part = x[:, :rotated]
+    expected[:, :rotated] = part * cos[:, None] + rotate_half(part) * sin[:, None]
+    kernels.rope_(x, cos, sin, rotated)
+    torch.testing.assert_close(x, expected)
+    assert torch.equal(x[:, rotated:], expected[:, rotated:])  # the value heads are left alone
+
+
+@pytest.mark.parametrize("count", [1536 * 40, 17])  # parallel, and shorter than one vector
+def test_silu_mul_matches_torch_including_large_and_tiny_gates(kernels: native.NativeKernels, count: int) -> None:
+    generator = torch.Generator().manual_seed(count)
+    gate = torch.randn(count, generator=generator) * 10
+    gate[:4] = torch.tensor([-200.0, 200.0, 0.0, -1e-30])[: min(4, count)]  # no overflow, no NaN at the extremes
+    up = torch.randn(count, generator=generator)
+    out = kernels.silu_mul(gate, up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "device", "reason"),
+    [
+        (CacheShape(2, 2, 80, torch.float32), CPU, "head_dim 80 is not one of 16, 32, 64, 128"),
+        (CacheShape(2, 2, 64, torch.bfloat16), CPU, "float32 models, and this one is bfloat16"),
+        (CacheShape(2, 2, 64, torch.float32), torch.device("cuda"), "run on a CPU, and the model is on cuda"),
+    ],
+)
+def test_caches_the_kernel_cannot_read_fall_back_or_fail_with_the_reason(
+    shape: CacheShape, device: torch.device, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert reason in str(native.unsupported(shape, device))
+    with caplog.at_level(logging.INFO, logger=native.__name__):
+        assert native.select("auto", shape, device) is None
+    assert any(reason in str(getattr(record, "reason", "")) for record in caplog.records)
+    with pytest.raises(ConfigError, match=f"--kernels native: .*{reason}"):
+        native.select("native", shape, device)
+
+
+def test_torch_never_builds_and_auto_uses_the_kernels_where_they_can() -> None:
+    shape = CacheShape(2, 2, 64, torch.float32)
+    assert native.select("torch", shape, CPU) is None
+    assert native.select("auto", shape, CPU) is native.build()  # built once per process
+    assert native.select("native", shape, CPU) is native.build()
+
+
+@pytest.mark.parametrize(
+    ("compiler", "message"),
+    [
+        ("no-such-compiler-here", "no C compiler 'no-such-compiler-here' on PATH"),
+        ("false", "false could not build the kernels"),
+    ],
+)
+def test_a_compiler_that_is_missing_or_fails_leaves_the_portable_path(
+    compiler: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(native.KernelsUnavailable, match=message):
+        native.compile_kernels(compiler)
+    monkeypatch.setattr(native, "build", lambda: native.compile_kernels(compiler))
+    shape = CacheShape(2, 2, 64, torch.float32)
+    assert native.select("auto", shape, CPU) is None
+    with pytest.raises(ConfigError, match=f"--kernels native: {message}"):
+        native.select("native", shape, CPU)
