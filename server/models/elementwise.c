@@ -49,17 +49,21 @@ void rope(float *x, const float *cos_, const float *sin_, int64_t rows, int64_t 
     }
 }
 
-/* out = silu(gate) * up = gate * sigmoid(gate) * up, for `count` floats. sigmoid from e^-|gate|, so the exponential
-   never overflows. */
-void silu_mul(const float *gate, const float *up, float *out, int64_t count, int threads) {
-    const int64_t body = count / LANES * LANES;
-#pragma omp parallel for num_threads(threads) if (count >= PARALLEL_ELEMENTS)
-    for (int64_t i = 0; i < body; i += LANES) {
-        const vf g = load(gate + i);
-        const vi positive = g > 0.0f;
-        const vf e = exp_nonpositive(pick(positive, -g, g));
-        const vf sigmoid = pick(positive, 1.0f / (1.0f + e), e / (1.0f + e));
-        store(out + i, g * sigmoid * load(up + i));
+/* out[r] = silu(gate) * up = gate * sigmoid(gate) * up, where row r of gate_up holds `width` gates, then `width` ups
+   (the gate and up projections run as one matmul). sigmoid from e^-|gate|, so the exponential never overflows. */
+void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int threads) {
+    const int64_t body = width / LANES * LANES;
+#pragma omp parallel for num_threads(threads) if (rows * width >= PARALLEL_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * width, *up = gate + width;
+        float *o = out + r * width;
+        for (int64_t i = 0; i < body; i += LANES) {
+            const vf g = load(gate + i);
+            const vi positive = g > 0.0f;
+            const vf e = exp_nonpositive(pick(positive, -g, g));
+            const vf sigmoid = pick(positive, 1.0f / (1.0f + e), e / (1.0f + e));
+            store(o + i, g * sigmoid * load(up + i));
+        }
+        for (int64_t i = body; i < width; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
-    for (int64_t i = body; i < count; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }

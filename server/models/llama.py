@@ -34,8 +34,10 @@ from loraserve.server.models.types import RowWork
 Attention = Callable[[int, torch.Tensor], torch.Tensor]
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# q_proj, k_proj and v_proj of a layer as one linear layer (outputs side by side), where prepare_linears fuses them
-QKV_PROJ = "qkv_proj"
+# Projections of a layer that read the same input, as one linear layer each (outputs side by side), where
+# prepare_linears fuses them: q, k and v; gate and up
+QKV_PROJ, GATE_UP_PROJ = "qkv_proj", "gate_up_proj"
+FUSED_PROJECTIONS = {QKV_PROJ: ("q_proj", "k_proj", "v_proj"), GATE_UP_PROJ: ("gate_proj", "up_proj")}
 # The RMSNorm modules whose forward the native rms_norm computes (weight * x / sqrt(mean(x^2) + eps))
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 # oneDNN picks its blocking for this batch size; measured fine from 1 to 512 rows.
@@ -65,7 +67,8 @@ def check_config(config: PretrainedConfig) -> None:
 
 def prepare_linears(model: PreTrainedModel) -> dict[tuple[int, str], Linear]:
     """Every projection of every layer, and the LM head at (-1, "lm_head"). Where all are plain linear layers, each
-    layer's q, k and v projections become one at QKV_PROJ, and on a CPU every one is prepacked for oneDNN.
+    layer's q, k and v projections become one at QKV_PROJ, its gate and up projections one at GATE_UP_PROJ, and on a
+    CPU every one is prepacked for oneDNN.
 
     Fusing and packing copy weights, so the plain projection weights are dropped afterwards: from here on the model
     runs only through LlamaRunner. (The LM head keeps its weight, which the embedding usually shares.)
@@ -77,10 +80,11 @@ def prepare_linears(model: PreTrainedModel) -> dict[tuple[int, str], Linear]:
     if not all(type(m) is torch.nn.Linear for m in modules.values()):
         return modules
     for index in range(len(model.model.layers)):
-        parts = [modules.pop((index, name)) for name in ("q_proj", "k_proj", "v_proj")]
-        modules[(index, QKV_PROJ)] = fused_linear(parts)
-        for part in parts:
-            drop_weight(part)
+        for fused, names in FUSED_PROJECTIONS.items():
+            parts = [modules.pop((index, name)) for name in names]
+            modules[(index, fused)] = fused_linear(parts)
+            for part in parts:
+                drop_weight(part)
     if not cpu_linear.available(model.device, model.dtype):
         return modules
     packed: dict[tuple[int, str], Linear] = {}
@@ -145,6 +149,7 @@ class LlamaRunner:
         ]
         self._native_norms = kernels is not None and all(type(m).__name__ in RMS_NORMS for m in norms)
         self._native_swiglu = kernels is not None and config.hidden_act == "silu"
+        self._out_features = {name: out for name, (_, out) in self.projection_features(model).items()}
 
     check_config = staticmethod(check_config)
     prepare_linears = staticmethod(prepare_linears)
@@ -274,19 +279,23 @@ class LlamaRunner:
         last = hidden if logit_index is None else hidden[logit_index]
         return self.linears[(-1, "lm_head")](self._norm(self.decoder.norm, last)).float()  # [R, V]
 
-    def _qkv(self, index: int, x: torch.Tensor, lora_rows: dict[int, torch.Tensor]) -> torch.Tensor:
-        """q, k and v projected side by side, each with its adapters: [T, (heads + 2 * kv_heads) * head_dim]."""
-        fused = self.linears.get((index, QKV_PROJ))
+    def _project_together(
+        self, index: int, fused_name: str, x: torch.Tensor, lora_rows: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """The projections of FUSED_PROJECTIONS[fused_name] side by side, each with its adapters: [T, sum of their
+        out_features]. One matmul where prepare_linears fused them."""
+        names = FUSED_PROJECTIONS[fused_name]
+        fused = self.linears.get((index, fused_name))
         if fused is None:
-            return torch.cat([self._project(index, name, x, lora_rows) for name in ("q_proj", "k_proj", "v_proj")], -1)
-        qkv = fused(x)
+            return torch.cat([self._project(index, name, x, lora_rows) for name in names], -1)
+        out = fused(x)
         if lora_rows:
-            sizes = [self.num_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), qkv.split(sizes, -1), strict=True):
+            sizes = [self._out_features[name] for name in names]
+            for name, part in zip(names, out.split(sizes, -1), strict=True):
                 bank = self.lora.get(index, name)
                 if bank is not None:
                     part.add_(bank(x, lora_rows[bank.rank]))
-        return qkv
+        return out
 
     def _project(self, index: int, name: str, x: torch.Tensor, lora_rows: dict[int, torch.Tensor]) -> torch.Tensor:
         out = self.linears[(index, name)](x)
@@ -308,15 +317,19 @@ class LlamaRunner:
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         x = self._norm(layer.input_layernorm, hidden)
-        qkv = self._qkv(index, x, lora_rows).view(tokens, self.num_heads + 2 * self.kv_heads, self.head_dim)
+        qkv = self._project_together(index, QKV_PROJ, x, lora_rows)
+        qkv = qkv.view(tokens, self.num_heads + 2 * self.kv_heads, self.head_dim)
         q, k, v = self._rotate(qkv, cos, sin)
         self.kv.write(index, slots, k, v)
         context = attend(index, q)  # [T, heads, head_dim]
         hidden = hidden + self._project(index, "o_proj", context.reshape(tokens, -1), lora_rows)
         x = self._norm(layer.post_attention_layernorm, hidden)
-        gate = self._project(index, "gate_proj", x, lora_rows)
-        up = self._project(index, "up_proj", x, lora_rows)
-        activated = self.kernels.silu_mul(gate, up) if self._native_swiglu else layer.mlp.act_fn(gate) * up
+        gate_up = self._project_together(index, GATE_UP_PROJ, x, lora_rows)  # [T, 2 * intermediate]
+        if self._native_swiglu:
+            activated = self.kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, -1)
+            activated = layer.mlp.act_fn(gate) * up
         return hidden + self._project(index, "down_proj", activated, lora_rows)
 
     def _norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ SIGNATURES = {
     "paged_decode_attention": [_P] * 6 + [_I64] * 6 + [_F32, _INT],
     "rms_norm": [_P, _P, _P, _I64, _I64, _F32, _INT],
     "rope": [_P, _P, _P, _I64, _I64, _I64, _I64, _INT],
-    "silu_mul": [_P, _P, _P, _I64, _INT],
+    "silu_mul": [_P, _P, _I64, _I64, _INT],
 }
 
 
@@ -118,11 +118,12 @@ class NativeKernels:
             torch.get_num_threads(),
         )
 
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up, element by element."""
-        gate, up = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate)
-        self._library.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up [T, 2 * width] holding each row's gate, then its up: returns [T, width]."""
+        gate_up = gate_up.contiguous()
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        out = gate_up.new_empty(rows, width)
+        self._library.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width, torch.get_num_threads())
         return out
 
 

@@ -12,7 +12,7 @@ from loraserve.errors import ConfigError
 from loraserve.server.models import native
 from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.kv_blocks import PagedKVCache
-from loraserve.server.models.llama import QKV_PROJ, LlamaRunner, prepare_linears
+from loraserve.server.models.llama import GATE_UP_PROJ, QKV_PROJ, LlamaRunner, prepare_linears
 from loraserve.server.models.lora import LoraBanks, read_adapter
 from loraserve.server.models.registry import RUNNERS, runner_class
 from loraserve.server.models.types import RowWork
@@ -82,7 +82,8 @@ def test_logits_match_transformers_for_chunks_and_decode(model_type: str, kernel
 
 @pytest.mark.parametrize("kernels", ["torch", "native"])
 def test_an_adapter_on_every_projection_matches_peft_beside_a_base_row(tmp_path, kernels: str) -> None:  # type: ignore[no-untyped-def]
-    """q, k and v run as one fused projection on a CPU; each one's LoRA update must still land on its own slice."""
+    """q, k and v run as one fused projection on a CPU, and gate and up as another; each one's LoRA update must still
+    land on its own slice."""
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -100,6 +101,7 @@ def test_an_adapter_on_every_projection_matches_peft_beside_a_base_row(tmp_path,
     runner_model = tiny("qwen2")
     linears = prepare_linears(runner_model)
     assert (0, QKV_PROJ) in linears and (0, "k_proj") not in linears
+    assert (0, GATE_UP_PROJ) in linears and (0, "up_proj") not in linears
     adapter = read_adapter(
         AdapterSpec("all", str(tmp_path)), LlamaRunner.projection_features(runner_model), SHAPE["num_hidden_layers"]
     )

@@ -131,13 +131,15 @@ def test_rope_turns_the_first_heads_in_place_as_transformers_does(
     assert torch.equal(x[:, rotated:], expected[:, rotated:])  # the value heads are left alone
 
 
-@pytest.mark.parametrize("count", [1536 * 40, 17])  # parallel, and shorter than one vector
-def test_silu_mul_matches_torch_including_large_and_tiny_gates(kernels: native.NativeKernels, count: int) -> None:
-    generator = torch.Generator().manual_seed(count)
-    gate = torch.randn(count, generator=generator) * 10
-    gate[:4] = torch.tensor([-200.0, 200.0, 0.0, -1e-30])[: min(4, count)]  # no overflow, no NaN at the extremes
-    up = torch.randn(count, generator=generator)
-    out = kernels.silu_mul(gate, up)
+@pytest.mark.parametrize(("rows", "width"), [(40, 1536), (3, 17)])  # parallel; a row shorter than one vector
+def test_silu_mul_matches_torch_including_large_and_tiny_gates(
+    kernels: native.NativeKernels, rows: int, width: int
+) -> None:
+    generator = torch.Generator().manual_seed(rows * width)
+    gate_up = torch.randn(rows, 2 * width, generator=generator) * 10
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -1e-30])  # no overflow, no NaN at the extremes
+    gate, up = gate_up.chunk(2, -1)
+    out = kernels.silu_mul(gate_up)
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)
     assert torch.isfinite(out).all()
 
