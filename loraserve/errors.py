@@ -55,6 +55,10 @@ class Unavailable(LoraserveError):
     """The server cannot take requests now: it is loading, draining, or its engine stopped."""
 
 
+class DeadlineExceeded(LoraserveError):
+    """The client's deadline passed before the request finished; the engine dropped it."""
+
+
 class Cancelled(LoraserveError):
     """The server cancelled the request: it shut down before the request finished."""
 

@@ -12,9 +12,10 @@ import grpc
 
 from loraserve import __version__
 from loraserve.config import ModelConfig, RagConfig
-from loraserve.errors import Unavailable
+from loraserve.errors import DeadlineExceeded, Unavailable
 from loraserve.server import convert
 from loraserve.server.adapter_sources import resolve_source
+from loraserve.server.engine.outputs import StopReason
 from loraserve.server.retrieval import rag
 from loraserve.server.status import rpc_method
 from loraserve.v1 import inference_pb2 as pb
@@ -22,6 +23,7 @@ from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from loraserve.server.engine.engine import Engine
+    from loraserve.server.engine.params import GenerationRequest
     from loraserve.server.engine.request_stream import RequestStream
     from loraserve.server.engine.telemetry import Telemetry
     from loraserve.server.retrieval.retriever import Retriever
@@ -37,6 +39,14 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     """The client's deadline as a time.monotonic() value, or None when it set none."""
     remaining = context.time_remaining()
     return time.monotonic() + remaining if remaining is not None else None
+
+
+def refuse_past_deadline(params: GenerationRequest, stop_reason: StopReason | None) -> None:
+    """DEADLINE_EXCEEDED for a request the engine dropped at its deadline. The engine drops it when its own clock
+    passes the deadline, which can be a moment before gRPC's timer fires: without this, that moment would let a
+    partial result through as OK (stop reason CANCELLED)."""
+    if stop_reason is StopReason.CANCELLED and params.deadline is not None and time.monotonic() >= params.deadline:
+        raise DeadlineExceeded("the request's deadline passed before it finished")
 
 
 class EngineHolder:
@@ -76,7 +86,9 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
         params = convert.generation_request(request, request_id, deadline_of(context))
         stream = self.engine.submit(params)
         cancel_with_call(context, stream)
-        return convert.generate_response(stream.result())
+        result = stream.result()
+        refuse_past_deadline(params, result.stop_reason)
+        return convert.generate_response(result)
 
     @rpc_method
     def GenerateStream(
@@ -86,6 +98,7 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
         stream = self.engine.submit(params)
         cancel_with_call(context, stream)
         for chunk in stream:
+            refuse_past_deadline(params, chunk.stop_reason)
             yield convert.stream_response(chunk)
 
     @rpc_method

@@ -203,6 +203,29 @@ def test_deadline_exceeded_frees_the_request(start_server, monkeypatch) -> None:
     assert wait_until_idle(running.client)["active_requests"] == 0
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_request_the_engine_drops_at_its_deadline_ends_deadline_exceeded(
+    start_server, monkeypatch, streaming
+) -> None:
+    """The engine drops a request when its own clock passes the deadline, which can come before gRPC's timer fires on
+    the client. Made deterministic here: the server sees a 0.3 s deadline, the client waits up to 30 s. The client must
+    get DEADLINE_EXCEEDED, never a partial result with status OK."""
+    from loraserve.server import servicer
+
+    monkeypatch.setattr(servicer, "deadline_of", lambda context: time.monotonic() + 0.3)
+    running = start_server()
+    slow_down(running, monkeypatch, seconds_per_step=0.05)
+    with pytest.raises(LoraserveRpcError) as raised:
+        if streaming:
+            for _ in running.client.stream("Once", max_new_tokens=200, min_new_tokens=200, timeout=30):
+                pass
+        else:
+            running.client.generate("Once", max_new_tokens=200, min_new_tokens=200, timeout=30)
+    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline passed" in str(raised.value)
+    assert wait_until_idle(running.client)["active_requests"] == 0
+
+
 def test_client_cancellation_frees_the_request(start_server, monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger="loraserve")
     running = start_server()
