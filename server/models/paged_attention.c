@@ -71,32 +71,49 @@ static inline __attribute__((always_inline)) void accumulate_block(float *restri
         else call(128, 2);                                                                                           \
     }
 
-/* One sequence: the query heads of kv heads [kv_first, kv_last) attend its first `length` positions. scores holds
-   (kv_last - kv_first) * groups rows of `stride` floats. */
-static void attend(const float *restrict q, const float *restrict keys, const float *restrict values,
-    const int64_t *restrict table, int64_t length, float *restrict out, float *restrict scores, int64_t kv_first,
-    int64_t kv_last, int64_t groups, int64_t row_floats, int64_t block_size, float scale, int D) {
-    const int64_t stride = (length + LANES - 1) / LANES * LANES, most = MAX_GROUP(D);
-    const int64_t first_head = kv_first * groups, heads = (kv_last - kv_first) * groups;
-    memset(out + first_head * D, 0, sizeof(float) * heads * D);
-    if (length <= 0) return;
+/* One pass over a sequence's first `length` positions, block by block, for the query heads of kv heads
+   [kv_first, kv_last): score the keys into `scores` (pool = keys, accumulate = 0), or add the values weighted by
+   `scores` into `out` (pool = values, accumulate = 1). Inlined with `accumulate` a constant. */
+static inline __attribute__((always_inline)) void sweep(const float *restrict q, const float *restrict pool,
+    const int64_t *restrict table, int64_t length, float *restrict out, float *restrict scores, int64_t stride,
+    int64_t kv_first, int64_t kv_last, int64_t groups, int64_t row_floats, int64_t block_size, float scale, int D,
+    const int accumulate) {
+    const int64_t most = MAX_GROUP(D), first_head = kv_first * groups;
     for (int64_t start = 0, b = 0; start < length; start += block_size, b++) {
         const int64_t count = length - start < block_size ? length - start : block_size;
-        const float *block = keys + table[b] * block_size * row_floats;
+        const float *block = pool + table[b] * block_size * row_floats;
         for (int64_t kv = kv_first; kv < kv_last; kv++)
             for (int64_t g = 0; g < groups; g += most) {
                 const int64_t h = kv * groups + g, n = groups - g < most ? groups - g : most;
                 float *s = scores + (h - first_head) * stride + start;
 #define SCORE(D_, G_) score_block(q + h * D_, block + kv * D_, count, s, stride, row_floats, scale, D_, G_)
-                BY_WIDTH(SCORE, D, n)
+#define ACCUMULATE(D_, G_) accumulate_block(out + h * D_, block + kv * D_, count, s, stride, row_floats, D_, G_)
+                if (accumulate) {
+                    BY_WIDTH(ACCUMULATE, D, n)
+                } else {
+                    BY_WIDTH(SCORE, D, n)
+                }
 #undef SCORE
+#undef ACCUMULATE
             }
     }
+}
+
+/* One sequence: the query heads of kv heads [kv_first, kv_last) attend its first `length` positions. scores holds
+   (kv_last - kv_first) * groups rows of `stride` floats. */
+static void attend(const float *restrict q, const float *restrict keys, const float *restrict values,
+    const int64_t *restrict table, int64_t length, float *restrict out, float *restrict scores, int64_t kv_first,
+    int64_t kv_last, int64_t groups, int64_t row_floats, int64_t block_size, float scale, int D) {
+    const int64_t stride = (length + LANES - 1) / LANES * LANES;
+    const int64_t first_head = kv_first * groups, heads = (kv_last - kv_first) * groups;
+    memset(out + first_head * D, 0, sizeof(float) * heads * D);
+    if (length <= 0) return;
+    sweep(q, keys, table, length, out, scores, stride, kv_first, kv_last, groups, row_floats, block_size, scale, D, 0);
     vi lane;
     for (int i = 0; i < LANES; i++) lane[i] = i;
     for (int64_t h = 0; h < heads; h++) {
+        /* positions past `length` in the last vector hold stale floats: masked out of the maximum, zero weights */
         float *s = scores + h * stride;
-        for (int64_t p = length; p < stride; p++) s[p] = 0.0f;
         vf top = splat(-3.0e38f);
         for (int64_t p = 0; p < stride; p += LANES)
             top = vmax(top, pick(lane + (int32_t)p < (int32_t)length, load(s + p), splat(-3.0e38f)));
@@ -110,18 +127,7 @@ static void attend(const float *restrict q, const float *restrict keys, const fl
         const vf inverse = splat(1.0f / hsum(total));
         for (int64_t p = 0; p < stride; p += LANES) store(s + p, load(s + p) * inverse);
     }
-    for (int64_t start = 0, b = 0; start < length; start += block_size, b++) {
-        const int64_t count = length - start < block_size ? length - start : block_size;
-        const float *block = values + table[b] * block_size * row_floats;
-        for (int64_t kv = kv_first; kv < kv_last; kv++)
-            for (int64_t g = 0; g < groups; g += most) {
-                const int64_t h = kv * groups + g, n = groups - g < most ? groups - g : most;
-                const float *w = scores + (h - first_head) * stride + start;
-#define ACCUMULATE(D_, G_) accumulate_block(out + h * D_, block + kv * D_, count, w, stride, row_floats, D_, G_)
-                BY_WIDTH(ACCUMULATE, D, n)
-#undef ACCUMULATE
-            }
-    }
+    sweep(q, values, table, length, out, scores, stride, kv_first, kv_last, groups, row_floats, block_size, scale, D, 1);
 }
 
 /* q, out: [rows, heads, head_dim]; keys, values: one layer's blocks; tables: [rows, table_width] block ids; lengths:
