@@ -3,8 +3,8 @@
 #   docker build -t loraserve:cuda --build-arg VARIANT=cuda .   # CUDA: torch's CUDA build (its CUDA libraries come in
 #                                                               # the wheels) and bitsandbytes; run with --gpus all
 # It runs `loraserve serve` as an unprivileged user, keeps converted and downloaded models and the RAG collections in
-# volumes, listens for gRPC on 50051 and serves Prometheus metrics on 9464, and checks its own health with
-# `loraserve health`.
+# volumes, listens for gRPC on 50051 and serves Prometheus metrics on 9464 (on every interface: LORASERVE_HOST; outside
+# a container loraserve listens on loopback only), and checks its own health with `loraserve health`.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -35,6 +35,7 @@ ENV PATH=/opt/loraserve/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     LORASERVE_MODEL_CACHE=/var/cache/loraserve \
     LORASERVE_RAG_STORE=/var/lib/loraserve/collections \
+    LORASERVE_HOST=0.0.0.0 \
     LORASERVE_PORT=50051 \
     LORASERVE_METRICS_PORT=9464
 # gcc: at start-up loraserve compiles its C kernels for the CPU it runs on (--kernels; without a compiler the model
@@ -53,6 +54,9 @@ WORKDIR /home/loraserve
 VOLUME ["/var/cache/loraserve", "/var/lib/loraserve"]
 EXPOSE 50051 9464
 # NOT_SERVING while the model loads (the first start converts the default model, about 20 s) or drains.
+# With TLS from the environment (LORASERVE_TLS_CERT, LORASERVE_TLS_KEY) the check trusts the server's own certificate
+# (or the CA in LORASERVE_TLS_CA, when set). With mutual TLS (LORASERVE_TLS_CLIENT_CA) it also needs a client
+# certificate that CA signed: set LORASERVE_CLIENT_CERT and LORASERVE_CLIENT_KEY too.
 HEALTHCHECK --interval=15s --timeout=6s --start-period=180s --retries=3 \
     CMD ["loraserve", "health", "--check-timeout", "5"]
 # ECS sends SIGTERM on scale-in and deploys: loraserve drains for LORASERVE_GRACE_PERIOD seconds, then exits 0.

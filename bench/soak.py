@@ -4,9 +4,13 @@ and every call must end with the status its case expects.
 The mix: unary and streamed generations of random lengths (base model and adapters), streams cancelled at a random
 chunk, streams whose deadline expires mid-stream, RagQuery over a stored collection, Tokenize, requests to an adapter
 that a churn thread loads and unloads all the while, and a share of bad requests, each with the status it must get.
-After each round the server must be idle (no active or queued request, no KV block in use); the second round's
-resident memory may grow at most --max-rss-growth over the first's. The run prints p50/p99 latency per case and the
-count per status, writes them as JSON, and exits 1 when a check fails.
+Beside them, the hostile mix: sampling parameters at the edges of their ranges (subnormals, the largest floats, NaN),
+calls without a deadline, inputs just over the size limits, streams whose client stops reading (the server cancels
+them after --client-stall-timeout), and choice-constrained generations whose output must be one of the choices.
+A health check runs all the while: the server must be SERVING at every probe. After each round the server must be
+idle (no active or queued request, no KV block in use); the second round's resident memory may grow at most
+--max-rss-growth over the first's. The run prints p50/p99 latency per case and the count per status, writes them as
+JSON, and exits 1 when a check fails.
 
     .venv/bin/python bench/soak.py --requests 2000 --clients 16           # the default model
     .venv/bin/python bench/soak.py --model /path/to/tiny --requests 300 --max-seconds 25 --out /tmp/soak
@@ -44,6 +48,20 @@ CHURN_ADAPTER = "churn"
 NEVER = {"UNKNOWN", "INTERNAL", "DATA_LOSS", "UNIMPLEMENTED"}
 # How long the server may take to become idle after a round (cancellations take effect at the next step).
 IDLE_WAIT_S = 30.0
+# (value, whether the server takes it) for each sampling number, as it arrives in the contract's 32-bit floats: 5e-324
+# arrives as 0 (greedy for a temperature, outside (0, 1] for top_p), 1e-40 as a float32 subnormal, 1.8e308 as inf.
+# The ranges: temperature 0 or [1e-5, 100]; repetition_penalty [0.01, 100]; top_p (0, 1].
+EDGE_TEMPERATURES = [
+    (0.0, True),
+    (5e-324, True),
+    (1e-5, True),
+    (100.0, True),
+    (1e-40, False),
+    (1.7976931348623157e308, False),
+    (float("nan"), False),
+]
+EDGE_PENALTIES = [(1.0, True), (0.01, True), (100.0, True), (1e-40, False), (3.4e38, False), (float("inf"), False)]
+EDGE_TOP_P = [(1.0, True), (1e-40, True), (5e-324, False), (0.0, False), (float("nan"), False)]
 
 
 @dataclass(frozen=True)
@@ -97,11 +115,13 @@ def finished_with_reason(responses: list[pb.GenerateStreamResponse]) -> str:
 class Mix:
     """The request cases; each takes its random numbers from the caller's generator, so a round repeats exactly."""
 
-    def __init__(self, stubs: Stubs, adapters: list[str], most_tokens: int, max_sequence: int) -> None:
+    def __init__(self, stubs: Stubs, adapters: list[str], most_tokens: int, max_sequence: int, stall_s: float) -> None:
         self.stubs = stubs
         self.adapters = adapters
         self.most_tokens = most_tokens
         self.max_sequence = max_sequence
+        self.stall_s = stall_s  # the server's --client-stall-timeout
+        self.limits = stubs.inference.ModelInfo(pb.ModelInfoRequest(), timeout=30).limits
         self.cases: list[tuple[str, float, Callable[[random.Random], Outcome]]] = [
             ("generate", 0.18, self.generate),
             ("stream", 0.16, self.stream),
@@ -112,6 +132,11 @@ class Mix:
             ("churn_adapter", 0.06, self.churn_adapter),
             ("bad_request", 0.10, self.bad_request),
             ("adapter_generate", 0.10, self.adapter_generate),
+            ("edge_values", 0.06, self.edge_values),
+            ("no_deadline", 0.04, self.no_deadline),
+            ("over_the_limit", 0.03, self.over_the_limit),
+            ("slow_reader", 0.03, self.slow_reader),
+            ("constrained", 0.05, self.constrained),
         ]
 
     def pick(self, rng: random.Random) -> Callable[[random.Random], Outcome]:
@@ -244,11 +269,91 @@ class Mix:
 
         return timed(f"bad_request_{index}", expected, run)
 
+    # ---- the hostile mix ------------------------------------------------------------------------------------------
+
+    def edge_values(self, rng: random.Random) -> Outcome:
+        """Sampling numbers at the edges: each is either in its documented range (OK) or refused (INVALID_ARGUMENT);
+        nothing in between may reach the sampler's arithmetic."""
+        temperature, fine_t = rng.choice(EDGE_TEMPERATURES)
+        penalty, fine_p = rng.choice(EDGE_PENALTIES)
+        top_p, fine_top_p = rng.choice(EDGE_TOP_P)
+        sampling = pb.SamplingParams(
+            temperature=temperature, repetition_penalty=penalty, top_p=top_p, top_k=rng.choice([0, 1, 2**31 - 1])
+        )
+        request = pb.GenerateRequest(prompt=prompt(rng), sampling=sampling, stopping=stopping(rng, 8))
+        expected = OK if fine_t and fine_p and fine_top_p else grpc.StatusCode.INVALID_ARGUMENT
+        return timed("edge_values", {expected}, succeeds(lambda: self.stubs.inference.Generate(request, timeout=120)))
+
+    def no_deadline(self, rng: random.Random) -> Outcome:
+        """A call without a deadline (grpcurl's way): it must end like any other."""
+        if rng.random() < 0.5:
+            request = pb.GenerateRequest(prompt=prompt(rng), stopping=stopping(rng, 8))
+            return timed("no_deadline", {OK}, succeeds(lambda: self.stubs.inference.Generate(request)))
+        tokenize = pb.TokenizeRequest(text=prompt(rng))
+        return timed("no_deadline", {OK}, succeeds(lambda: self.stubs.inference.Tokenize(tokenize)))
+
+    def over_the_limit(self, rng: random.Random) -> Outcome:
+        """Inputs just over the published limits, refused before any work: a prompt, a Tokenize text, inline
+        documents."""
+        huge = "x" * (self.limits.max_input_chars + 1)
+        choice = rng.randrange(3)
+        if choice == 0:
+            call = lambda: self.stubs.inference.Generate(pb.GenerateRequest(prompt=huge), timeout=60)  # noqa: E731
+        elif choice == 1:
+            call = lambda: self.stubs.inference.Tokenize(pb.TokenizeRequest(text=huge), timeout=60)  # noqa: E731
+        else:
+            size = self.limits.max_rag_document_chars
+            count = self.limits.max_request_document_chars // size + 1
+            documents = [pb.Document(id=f"d{i}", text="y" * size) for i in range(count)]
+            rag = pb.RagQueryRequest(query="q", documents=documents)
+            call = lambda: self.stubs.inference.RagQuery(rag, timeout=60)  # noqa: E731
+        return timed("over_the_limit", {grpc.StatusCode.INVALID_ARGUMENT}, succeeds(call))
+
+    def slow_reader(self, rng: random.Random) -> Outcome:
+        """A stream with large messages whose client takes the first, then stops reading for up to twice the
+        server's --client-stall-timeout: OK when its output fit in flight, CANCELLED when the server gave up."""
+        request = pb.GenerateStreamRequest(
+            prompt=prompt(rng),
+            stopping=pb.StoppingCriteria(max_new_tokens=self.most_tokens),
+            response=pb.ResponseOptions(top_n=min(20, self.limits.max_top_n), logprobs=True, input_tokens=True),
+        )
+        pause = rng.uniform(0, 2 * self.stall_s)
+
+        def call() -> str:
+            responses = self.stubs.inference.GenerateStream(request, timeout=120)
+            first = next(responses)
+            time.sleep(pause)
+            return finished_with_reason([first, *responses])
+
+        return timed("slow_reader", {OK, grpc.StatusCode.CANCELLED}, call)
+
+    def constrained(self, rng: random.Random) -> Outcome:
+        """A choice constraint must hold on every request, the first after start-up included."""
+        choices = rng.sample(["yes", "no", "unsure", "maybe", "red", "green", "blue"], k=rng.randint(2, 4))
+        request = pb.GenerateRequest(
+            messages=[pb.Message(role="user", content=f"{prompt(rng)} Answer with one of {', '.join(choices)}.")],
+            constraint=pb.OutputConstraint(choice=pb.Choices(values=choices)),
+            sampling=pb.SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=rng.randrange(1 << 30)),
+        )
+
+        return timed(
+            "constrained", {OK}, lambda: off_the_choices(self.stubs.inference.Generate(request, timeout=120), choices)
+        )
+
     def raw_tokenize(self, payload: bytes) -> object:
         method = self.stubs.channel.unary_unary(
             "/loraserve.v1.InferenceService/Tokenize", request_serializer=None, response_deserializer=None
         )
         return method(payload, timeout=30)
+
+
+def off_the_choices(response: pb.GenerateResponse, choices: list[str]) -> str:
+    """What is wrong with a choice-constrained answer: a complete one must be a choice, a cut-off one the start of
+    one ("" when it is right)."""
+    complete = response.stop_reason == pb.STOP_REASON_CONSTRAINT_COMPLETE
+    if (response.text in choices) if complete else any(c.startswith(response.text) for c in choices):
+        return ""
+    return f"constrained output {response.text!r} is not {'one' if complete else 'the start of one'} of {choices}"
 
 
 def succeeds(call: Callable[[], object]) -> Callable[[], str]:
@@ -291,6 +396,33 @@ def run_round(stubs: Stubs, mix: Mix, args: argparse.Namespace, churn_source: st
     return outcomes + churn_outcomes, time.perf_counter() - start
 
 
+class HealthWatch:
+    """Probes grpc.health.v1 every half second while a round runs: the server must be SERVING at every probe."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stub = health_pb2_grpc.HealthStub(channel)
+        self.probes = self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            self.probes += 1
+            try:
+                status = self.stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            except grpc.RpcError:
+                status = None
+            self.failures += status != health_pb2.HealthCheckResponse.SERVING
+
+
 def wait_idle(stubs: Stubs) -> pb.ServerStats:
     end = time.monotonic() + IDLE_WAIT_S
     while True:
@@ -325,7 +457,16 @@ def summarize(outcomes: list[Outcome]) -> dict[str, object]:
 
 
 def prepare(stubs: Stubs) -> None:
-    """The collection RagQuery reads."""
+    """The first request after start-up, constrained (a constraint must hold on it too), then the collection RagQuery
+    reads."""
+    choices = ["yes", "no", "unsure"]
+    first = pb.GenerateRequest(
+        messages=[pb.Message(role="user", content="Is the sky green?")],
+        constraint=pb.OutputConstraint(choice=pb.Choices(values=choices)),
+    )
+    problem = off_the_choices(stubs.inference.Generate(first, timeout=120), choices)
+    if problem:
+        raise SystemExit(f"the first request after start-up: {problem}")
     paragraphs = [p.strip() + "." for p in CORPUS.split(". ") if p.strip()]
     documents = [pb.Document(id=f"doc-{i}", text=p) for i, p in enumerate(paragraphs)]
     collections = pb_grpc.CollectionServiceStub(stubs.channel)
@@ -341,6 +482,9 @@ def print_table(rounds: list[dict[str, object]]) -> None:
         for case, row in summary["latency_s"].items():  # type: ignore[union-attr]
             print(f"{case:<20} {row['calls']:>6} {1000 * row['p50']:>9.1f} {1000 * row['p99']:>9.1f}")
         print(f"resident memory after the round: {summary['rss_mib']} MiB")
+        print(
+            f"health probes during the round: {summary['health_probes']}, not SERVING: {summary['not_serving_probes']}"
+        )
 
 
 def main() -> int:
@@ -356,6 +500,9 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=2, help="adapters loaded at start (plus one churned)")
     parser.add_argument("--adapter-targets", nargs="+", default=["q_proj", "v_proj"])
     parser.add_argument("--max-rss-growth", type=float, default=0.05, help="allowed growth of round 2 over round 1")
+    parser.add_argument(
+        "--client-stall-timeout", type=float, default=2.0, help="the server's: slow readers wait up to twice it"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -386,17 +533,21 @@ def main() -> int:
         str(args.max_sequence_length),
         "--max-queued-requests",
         str(4 * args.clients),
+        "--client-stall-timeout",
+        str(args.client_stall_timeout),
     )
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stubs = Stubs(pb_grpc.InferenceServiceStub(channel), pb_grpc.AdapterServiceStub(channel), channel)
-    mix = Mix(stubs, [f"a{i}" for i in range(args.adapters)], args.max_new_tokens, args.max_sequence_length)
+    names = [f"a{i}" for i in range(args.adapters)]
+    mix = Mix(stubs, names, args.max_new_tokens, args.max_sequence_length, args.client_stall_timeout)
     rounds: list[dict[str, object]] = []
     failures: list[str] = []
     try:
         prepare(stubs)
         for n in (1, 2):
             print(f"round {n}: {args.requests} requests from {args.clients} clients", flush=True)
-            outcomes, seconds = run_round(stubs, mix, args, adapters[-1].name)
+            with HealthWatch(channel) as health_watch:
+                outcomes, seconds = run_round(stubs, mix, args, adapters[-1].name)
             stats = wait_idle(stubs)
             summary = summarize(outcomes) | {"seconds": round(seconds, 1)}
             summary["rss_mib"] = round(resident_bytes(server.pid) / 2**20, 1)
@@ -405,7 +556,11 @@ def main() -> int:
                 "queued_requests": stats.queued_requests,
                 "kv_cache_used_blocks": stats.kv_cache_used_blocks,
             }
+            summary["health_probes"] = health_watch.probes
+            summary["not_serving_probes"] = health_watch.failures
             rounds.append(summary)
+            if health_watch.failures:
+                failures.append(f"round {n}: {health_watch.failures} health probes were not SERVING")
             if summary["unexpected_count"]:
                 failures.append(f"round {n}: {summary['unexpected_count']} calls ended unexpectedly")
             if NEVER & set(summary["statuses"]):  # type: ignore[arg-type]

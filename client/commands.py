@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from loraserve.client.client import Client, tls_credentials
 from loraserve.client.types import AdapterInfo, GenerationOptions, LoraserveRpcError, StreamChunk
 from loraserve.config import ClientConfig, from_namespace
@@ -78,17 +80,57 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
     return GenerationOptions(**options)  # type: ignore[typeddict-item]
 
 
-def client_for(config: ClientConfig, timeout: float | None = None) -> Client:
-    """A client from the command's options; TLS when a CA or client certificate is given, and the bearer token from
-    LORASERVE_TOKEN (never a flag: command lines are visible to other users)."""
-    secure = bool(config.tls_ca or config.tls_cert)
-    credentials = tls_credentials(config.tls_ca, config.tls_cert, config.tls_key) if secure else None
+# The variable that gives `loraserve serve` its certificate (ServerConfig.tls_cert); `health` trusts it.
+SERVER_CERT_ENV = "LORASERVE_TLS_CERT"
+
+
+def client_for(config: ClientConfig, timeout: float | None = None, server_cert: str = "") -> Client:
+    """A client from the command's options, and the bearer token from LORASERVE_TOKEN (never a flag: command lines are
+    visible to other users). TLS when a CA, a client certificate or server_cert is given: server_cert is the server's
+    own certificate, trusted when no CA is given, whose names the server is checked against."""
+    ca = config.tls_ca or server_cert
+    credentials, options = None, []
+    if ca or config.client_cert:
+        try:
+            credentials = tls_credentials(ca, config.client_cert, config.client_key)
+        except OSError as error:
+            raise ConfigError(f"{error.filename}: {error.strerror}") from None
+        if server_cert:
+            options = _name_override(config.target, server_cert)
     return Client(
         config.target,
         timeout=timeout or config.timeout,
         credentials=credentials,
         token=os.environ.get("LORASERVE_TOKEN") or None,
+        channel=grpc.secure_channel(config.target, credentials, options) if options else None,
     )
+
+
+def _name_override(target: str, certificate: str) -> list[tuple[str, str]]:
+    """The channel option that checks the server's certificate against a name it carries when the target's host is
+    not one of them (a health check connects to localhost; the certificate names the service)."""
+    names = certificate_names(certificate)
+    host = target.rsplit("/", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if not names or host in names:
+        return []
+    name = names[0].replace("*", "loraserve", 1)  # a wildcard name: any name it covers will do
+    return [("grpc.ssl_target_name_override", name)]
+
+
+def certificate_names(path: str) -> list[str]:
+    """The DNS names, then the IP addresses, a PEM certificate is for (else its common name); [] if unreadable."""
+    # The standard library reads a certificate file only through this helper of its own tests (there since Python
+    # 3.3); cryptography, which reads it publicly, is no dependency of the client.
+    import _ssl
+
+    decode = getattr(_ssl, "_test_decode_cert", None)
+    try:
+        decoded = decode(path) if decode else {}
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return []
+    alternatives = decoded.get("subjectAltName", ())
+    names = [v for k, v in alternatives if k == "DNS"] + [v for k, v in alternatives if k == "IP Address"]
+    return names or [v for rdn in decoded.get("subject", ()) for k, v in rdn if k == "commonName"]
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -324,10 +366,16 @@ def tokenize(args: argparse.Namespace) -> int:
 
 
 def health(args: argparse.Namespace) -> int:
-    """Print the health status; exit 0 only when SERVING (a container health check)."""
+    """Print the health status; exit 0 only when SERVING (a container health check).
+
+    In a container the check shares the server's environment: when the server serves TLS from LORASERVE_TLS_CERT, the
+    check connects over TLS (not plaintext), trusting that certificate unless --tls-ca is given, and checks the server
+    against the names it carries (not localhost's). A client certificate, for mutual TLS, comes only from
+    --client-cert/--client-key."""
     config = from_namespace(ClientConfig, args)
+    server_cert = os.environ.get(SERVER_CERT_ENV, "")
     try:
-        with client_for(config, min(config.timeout, args.health_timeout)) as client:
+        with client_for(config, min(config.timeout, args.health_timeout), server_cert) as client:
             status = client.health(args.service)
     except LoraserveRpcError as error:
         print(f"{error.code.name}: {error.details}")

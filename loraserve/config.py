@@ -17,6 +17,9 @@ from loraserve.errors import ConfigError
 from loraserve.prompting import PROMPT_FORMATS
 
 ENV_PREFIX = "LORASERVE_"
+# --max-input-chars 0: this many characters per token of the model's context. Text runs about 4 characters a token
+# and code or whitespace a few more, so a prompt refused by this bound could never have fit the context anyway.
+CHARS_PER_CONTEXT_TOKEN = 32
 T = TypeVar("T")
 
 
@@ -297,6 +300,18 @@ class EngineConfig:
     constraint_cache_size: int = option(
         256, "Compiled output constraints kept for reuse (least recently used ones are dropped).", metavar="N"
     )
+    max_input_chars: int = option(
+        0,
+        "Longest prompt, conversation or Tokenize text, in characters, refused before it is tokenized; 0: "
+        f"{CHARS_PER_CONTEXT_TOKEN} characters per token of the model's context.",
+        metavar="CHARS",
+    )
+    max_consecutive_failed_steps: int = option(
+        3,
+        "Model steps that may fail in a row before the engine stops and health turns NOT_SERVING (a fault of the "
+        "model or the device, such as a sticky CUDA error). A failed step ends only its own requests.",
+        metavar="N",
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -309,9 +324,16 @@ class EngineConfig:
             "max_constraint_bytes",
             "max_constraint_choices",
             "constraint_cache_size",
+            "max_consecutive_failed_steps",
         ):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queued_requests", "max_stop_sequences", "max_stop_sequence_length", "max_top_n"):
+        for name in (
+            "max_queued_requests",
+            "max_stop_sequences",
+            "max_stop_sequence_length",
+            "max_top_n",
+            "max_input_chars",
+        ):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         require(self.max_adapters >= 1, "max_adapters", f"must be >= 1, got {self.max_adapters}")
         require(
@@ -372,6 +394,12 @@ class RagConfig:
     max_rag_documents: int = option(100, "Most inline documents in one RagQuery.", metavar="N")
     max_upsert_documents: int = option(256, "Most documents in one UpsertDocuments.", metavar="N")
     max_rag_document_chars: int = option(200_000, "Longest document text.", metavar="CHARS")
+    max_request_document_chars: int = option(
+        2_000_000,
+        "Most document text in one RagQuery or UpsertDocuments, all documents together: the embedding work one "
+        "request may bring (about 2,500 passages).",
+        metavar="CHARS",
+    )
     max_rag_query_chars: int = option(2000, "Longest RagQuery question.", metavar="CHARS")
 
     def __post_init__(self) -> None:
@@ -381,6 +409,7 @@ class RagConfig:
             "max_rag_documents",
             "max_upsert_documents",
             "max_rag_document_chars",
+            "max_request_document_chars",
             "max_rag_query_chars",
         ):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -401,7 +430,12 @@ class RagConfig:
 class ServerConfig:
     """Where and how the gRPC server listens."""
 
-    host: str = option("0.0.0.0", "Address to bind; 0.0.0.0 listens on every interface.", metavar="ADDR")
+    host: str = option(
+        "127.0.0.1",
+        "Address to bind: loopback by default, so that only this machine can connect; 0.0.0.0 listens on every "
+        "interface (the container image sets it).",
+        metavar="ADDR",
+    )
     port: int = option(50051, "gRPC port; 0 picks a free one (printed in the log).", metavar="PORT")
     http_port: int = option(
         0,
@@ -411,9 +445,17 @@ class ServerConfig:
     )
     grpc_workers: int = option(
         0,
-        "Threads serving RPCs; 0 sizes the pool to max batch + max queued + 16, so every admitted request has a "
-        "thread and health checks always get one.",
+        "Most calls served at once (health checks, Ready and reflection aside: they always find one of 16 spare "
+        "threads); the next is RESOURCE_EXHAUSTED. 0: max batch + max queued + 16, so every admitted request has a "
+        "thread.",
         metavar="N",
+    )
+    client_stall_timeout: float = option(
+        60.0,
+        "Seconds the server waits on a client that has stalled: one that takes no part of a streamed response "
+        "(GenerateStream, HTTP stream=true), or sends no part of its HTTP request body. Then the call is cancelled "
+        "(or answered 408): such a client holds no thread, batch row or connection for longer.",
+        metavar="SECONDS",
     )
     grace_period: float = option(
         30.0, "Seconds in-flight requests get to finish after SIGTERM before they are cancelled.", metavar="SECONDS"
@@ -432,15 +474,23 @@ class ServerConfig:
     )
     admin_tokens_file: str = option(
         "",
-        "File of bearer tokens that may also call AdapterService; LORASERVE_ADMIN_TOKENS adds more. With neither, any "
-        "caller the authentication lets in may.",
+        "File of bearer tokens that may also make admin calls (AdapterService, and the CollectionService RPCs that "
+        "change collections); LORASERVE_ADMIN_TOKENS adds more. Admin tokens are bearer tokens too: with them, the "
+        "server authenticates every call, even without --auth-tokens-file. With neither, admin calls are taken from "
+        "loopback callers only (127.0.0.0/8, ::1) and refused with PERMISSION_DENIED from anywhere else.",
         metavar="FILE",
     )
     rate_limit: float = option(
-        0.0, "Requests per second allowed per client (by token, else by address); 0 = no limit.", metavar="RPS"
+        0.0,
+        "Requests per second allowed per client, one budget across gRPC and HTTP: by token when it is one of the "
+        "server's, else by IP address (an IPv6 client by its /64); 0 = no limit.",
+        metavar="RPS",
     )
     rate_burst: int = option(20, "Requests a client may make at once above --rate-limit.", metavar="N")
-    metrics_port: int = option(9464, "Port of the Prometheus /metrics endpoint (on --host); 0 = none.", metavar="PORT")
+    metrics_port: int = option(
+        9464, "Port of the Prometheus /metrics endpoint (on --metrics-host); 0 = none.", metavar="PORT"
+    )
+    metrics_host: str = option("", "Address the /metrics endpoint binds; empty: the same as --host.", metavar="ADDR")
     log_prompts: bool = option(False, "Log each request's prompt and output text (off: they are never logged).")
 
     def __post_init__(self) -> None:
@@ -448,6 +498,7 @@ class ServerConfig:
         require(0 <= self.metrics_port <= 65535, "metrics_port", f"must be in [0, 65535], got {self.metrics_port}")
         require(self.grpc_workers >= 0, "grpc_workers", f"must be >= 0, got {self.grpc_workers}")
         require(self.grace_period >= 0, "grace_period", f"must be >= 0, got {self.grace_period}")
+        require(self.client_stall_timeout > 0, "client_stall_timeout", f"must be > 0, got {self.client_stall_timeout}")
         require(self.max_message_bytes >= 1024, "max_message_bytes", f"must be >= 1024, got {self.max_message_bytes}")
         require(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "and --tls-key go together")
         require(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca", "needs --tls-cert and --tls-key")
@@ -488,8 +539,12 @@ class ClientConfig:
     target: str = option("localhost:50051", "The server's host:port.", metavar="HOST:PORT")
     timeout: float = option(120.0, "Deadline of each call, in seconds.", metavar="SECONDS")
     tls_ca: str = option("", "PEM CA bundle to verify the server with: connect over TLS.", metavar="FILE")
-    tls_cert: str = option("", "PEM client certificate, for mutual TLS (with --tls-key).", metavar="FILE")
-    tls_key: str = option("", "PEM private key of --tls-cert.", metavar="FILE")
+    # Not tls_cert/tls_key: their LORASERVE_* variables are the server's (a container's health check shares its env).
+    client_cert: str = option(
+        "", "PEM client certificate, for mutual TLS (with --client-key); connects over TLS.", metavar="FILE"
+    )
+    client_key: str = option("", "PEM private key of --client-cert.", metavar="FILE")
 
     def __post_init__(self) -> None:
         require(self.timeout > 0, "timeout", f"must be > 0, got {self.timeout}")
+        require(bool(self.client_cert) == bool(self.client_key), "client_cert", "and --client-key go together")

@@ -63,5 +63,10 @@ class Cancelled(LoraserveError):
     """The server cancelled the request: it shut down before the request finished."""
 
 
+class ModelFailure(LoraserveError):
+    """The model (or an adapter) failed on this request: NaN scores, a failed step. The request ends with INTERNAL
+    and this message; the server keeps serving the others."""
+
+
 class ConfigError(LoraserveError):
     """A configuration value (flag, environment variable or file) is wrong; the message names the option."""

@@ -89,8 +89,21 @@ class PromptFormat(ABC):
         return [*segments, Segment(rest, False)] if rest else segments
 
 
+def fold_system_message(messages: Sequence[Message]) -> Sequence[Message]:
+    """A leading system message prepended to the first user message, for templates without a system role (as
+    Mistral's later templates do themselves); the messages unchanged when there is nothing to fold."""
+    if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
+        return messages
+    first = Message("user", f"{messages[0].content}\n\n{messages[1].content}")
+    return (first, *messages[2:])
+
+
 class ChatTemplateFormat(PromptFormat):
-    """The tokenizer's own chat template (e.g. ChatML for SmolLM2-Instruct)."""
+    """The tokenizer's own chat template (e.g. ChatML for SmolLM2-Instruct).
+
+    Some templates refuse conversations with `raise_exception` (Mistral-Instruct v0.1/v0.2: no system role, strict
+    user/assistant alternation; Llama-2-chat: alternation). A system message such a template refuses is folded into
+    the first user message; anything else it refuses is an InvalidRequest with the template's own words."""
 
     name = "chat-template"
     adds_special_tokens = False  # the template writes its special tokens itself
@@ -101,6 +114,21 @@ class ChatTemplateFormat(PromptFormat):
         self._tokenizer = tokenizer
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        from jinja2 import TemplateError  # transformers' own dependency; the client-only install has neither
+
+        try:
+            return self._apply(messages, add_generation_prompt)
+        except TemplateError as error:
+            refusal = error
+        folded = fold_system_message(messages)
+        if folded is not messages:
+            try:
+                return self._apply(folded, add_generation_prompt)
+            except TemplateError:
+                pass
+        raise InvalidRequest(f"the model's chat template refuses this conversation: {refusal}", "messages")
+
+    def _apply(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         return self._tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt

@@ -11,9 +11,18 @@ from loraserve.storage import ArtifactNotFound, S3Location
 
 
 def _allowed(location: S3Location, entries: tuple[str, ...]) -> bool:
-    """Whether bucket/prefix lies under an entry ("bucket", or "bucket/prefix" and below)."""
-    path = f"{location.bucket}/{location.prefix}".rstrip("/") + "/"
-    return any(path.startswith(entry.strip("/") + "/") for entry in entries)
+    """Whether the location lies under an entry ("bucket", or "bucket/prefix" and below), segment by segment:
+    "bucket/team" allows s3://bucket/team/x but never s3://bucket/teamX. An entry that is no usable location (one
+    with a ".." segment, say) allows nothing."""
+    for entry in entries:
+        try:
+            allowed = S3Location.parse(f"s3://{entry.strip('/')}")
+        except ConfigError:
+            continue
+        depth = len(allowed.segments)
+        if location.bucket == allowed.bucket and location.segments[:depth] == allowed.segments:
+            return True
+    return False
 
 
 def resolve_source(adapter_id: str, source: str, root: str, buckets: tuple[str, ...]) -> AdapterSpec:
@@ -42,4 +51,4 @@ def resolve_source(adapter_id: str, source: str, root: str, buckets: tuple[str, 
     except (OSError, ValueError) as error:  # a name too long, a NUL byte: not a path this system can have
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise InvalidRequest(f"is not a usable folder name ({reason})", "source") from None
-    return AdapterSpec(adapter_id, str(folder))
+    return AdapterSpec(adapter_id, str(folder), shown=source)

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from loraserve.config import EngineConfig, ModelConfig, RagConfig, ServerConfig
 from loraserve.errors import ConfigError
+from loraserve.server.concurrency import BACKLOG_FACTOR, SPARE_THREADS, ConcurrencyLimit
 from loraserve.server.engine.telemetry import Telemetry
 from loraserve.server.http_api.app import HttpApi
 from loraserve.server.http_api.server import HttpServer
@@ -29,6 +30,7 @@ from loraserve.server.interceptors import AccessInterceptor, MalformedRequestInt
 from loraserve.server.models import preflight
 from loraserve.server.retrieval.retriever import Retriever
 from loraserve.server.servicer import AdapterServicer, CollectionServicer, InferenceServicer
+from loraserve.server.stall_guard import StallGuard
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -41,8 +43,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 ADAPTER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterService"].full_name
 COLLECTION_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CollectionService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
-# Leave room above the engine's capacity so health checks and ModelInfo always find a free thread.
-SPARE_RPC_THREADS = 16
 SIGNAL_POLL_S = 0.2
 
 
@@ -94,35 +94,50 @@ class LoraServer:
         self.port: int | None = None
         self.http_port: int | None = None
         self._server: grpc.Server | None = None
+        self.stall_guard: StallGuard | None = None
+        self.concurrency: ConcurrencyLimit | None = None
         self._http: HttpServer | None = None
         self._serving = False
 
     def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until load()); return the bound port."""
         preflight.check(self.model_config)  # before the ports are bound and torch is imported
-        workers = self.server_config.grpc_workers or (
-            self.engine_config.max_batch_size + self.engine_config.max_queued_requests + SPARE_RPC_THREADS
+        calls = self.server_config.grpc_workers or (
+            self.engine_config.max_batch_size + self.engine_config.max_queued_requests + SPARE_THREADS
         )
         config = self.server_config
         logger.info("embedding model", extra={"embedding_model": self.retriever.embedder.identity})  # checks it
-        self.telemetry = Telemetry(config.metrics_port, config.host)
+        self.telemetry = Telemetry(config.metrics_port, config.metrics_host or config.host)
         for servicer in (self.servicer, self.adapter_servicer, self.collection_servicer):
             servicer.telemetry = self.telemetry
         access = AccessInterceptor(config)  # one for both protocols: a client's rate limit counts both
-        from opentelemetry.instrumentation.grpc import server_interceptor
+        from opentelemetry.instrumentation.grpc import filters, server_interceptor
 
+        not_probes = filters.negate(filters.health_check())
+
+        self.concurrency = ConcurrencyLimit(calls)
+        self.stall_guard = StallGuard(config.client_stall_timeout)
+        self.servicer.stall_guard = self.stall_guard
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraserve-rpc"),
-            # Tracing first, so that refused calls are traced too.
+            futures.ThreadPoolExecutor(max_workers=calls + SPARE_THREADS, thread_name_prefix="loraserve-rpc"),
+            # Tracing first, so that refused calls are traced too; access before the limit, so that calls without a
+            # valid token never hold a slot.
             interceptors=[
-                server_interceptor(tracer_provider=self.telemetry.tracer_provider),
+                # Not around health: a wrapped Watch would lose grpc's non-blocking form and hold a thread each.
+                server_interceptor(tracer_provider=self.telemetry.tracer_provider, filter_=not_probes),
                 access,
+                self.concurrency,
                 MalformedRequestInterceptor(),
             ],
-            maximum_concurrent_rpcs=workers,
+            # A backstop far above what the limits above let build up: only a flood of quick calls reaches it.
+            maximum_concurrent_rpcs=BACKLOG_FACTOR * (calls + SPARE_THREADS),
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                # grpc binds with SO_REUSEPORT by default: a second server on a port in use would start silently
+                # and the kernel would split the connections between the two (a client's answer then depends on
+                # which process it reached). Without it, a busy port is an error at start.
+                ("grpc.so_reuseport", 0),
             ],
         )
         pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
@@ -141,22 +156,34 @@ class LoraServer:
         )
         address = f"{config.host}:{config.port}"
         credentials = server_credentials(config)
-        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        try:
+            self.port = (
+                server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+            )
+        except RuntimeError:  # grpc's "Failed to bind to address"
+            raise ConfigError(
+                f"--port {config.port}: cannot listen on {address}; is another server using it?"
+            ) from None
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         server.start()
         self._server = server
         if config.http_port:
             api = HttpApi(
-                lambda: self.servicer.engine, lambda: self._serving, access, self.telemetry, config.max_message_bytes
+                lambda: self.servicer.engine,
+                lambda: self._serving,
+                access,
+                self.telemetry,
+                config.max_message_bytes,
+                config.client_stall_timeout,
             )
-            self._http = HttpServer(api.build(), config)
+            self._http = HttpServer(api.build(), config, calls + SPARE_THREADS)
             self.http_port = self._http.start()
         logger.info(
             "listening",
             extra={
                 "address": address,
                 "port": self.port,
-                "rpc_threads": workers,
+                "max_concurrent_calls": calls,
                 "tls": bool(credentials),
                 "mutual_tls": bool(config.tls_client_ca),
             },
@@ -224,6 +251,8 @@ class LoraServer:
             self._server.stop(grace=1.0).wait()
         if self._http is not None:
             self._http.stop()
+        if self.stall_guard is not None:
+            self.stall_guard.stop()
         self.retriever.close()
         if self.telemetry is not None:
             self.telemetry.shutdown()

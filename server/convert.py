@@ -137,7 +137,9 @@ def rag_query(message: pb.RagQueryRequest, request_id: str, deadline: float | No
             f"has {len(message.query)} characters; at most {config.max_rag_query_chars} are allowed", "query"
         )
     inline = documents(message.documents)
-    check_documents(inline, config.max_rag_documents, config.max_rag_document_chars, "documents")
+    check_documents(
+        inline, config.max_rag_documents, config.max_rag_document_chars, "documents", config.max_request_document_chars
+    )
     return RagQuery(
         query=message.query,
         documents=inline,
@@ -240,7 +242,7 @@ def rag_response(answer: RagAnswer) -> pb.RagQueryResponse:
     return response
 
 
-def server_limits(config: EngineConfig, rag: RagConfig) -> pb.ServerLimits:
+def server_limits(config: EngineConfig, rag: RagConfig, max_input_chars: int) -> pb.ServerLimits:
     return pb.ServerLimits(
         max_new_tokens=config.max_new_tokens,
         default_max_new_tokens=config.default_max_new_tokens,
@@ -257,6 +259,8 @@ def server_limits(config: EngineConfig, rag: RagConfig) -> pb.ServerLimits:
         max_rag_top_k=MAX_TOP_K,
         max_constraint_bytes=config.max_constraint_bytes,
         max_constraint_choices=config.max_constraint_choices,
+        max_input_chars=max_input_chars,
+        max_request_document_chars=rag.max_request_document_chars,
     )
 
 
@@ -286,6 +290,7 @@ def model_info_response(
     prompt_format: str,
     version: str,
     embedding_model: str,
+    max_input_chars: int,
 ) -> pb.ModelInfoResponse:
     return pb.ModelInfoResponse(
         model_name=description.name,
@@ -298,7 +303,7 @@ def model_info_response(
         vocab_size=description.vocab_size,
         adapters=[adapter_info(a) for a in adapters],
         server_version=version,
-        limits=server_limits(config, rag),
+        limits=server_limits(config, rag, max_input_chars),
         stats=pb.ServerStats(**asdict(stats), prefix_cache_hit_rate=stats.prefix_cache_hit_rate),
         prompt_format=prompt_format,
         embedding_model=embedding_model,
@@ -309,7 +314,13 @@ def upsert_documents(message: pb.UpsertDocumentsRequest, config: RagConfig) -> t
     items = documents(message.documents)
     if not items:
         raise InvalidRequest("must contain at least one document", "documents")
-    check_documents(items, config.max_upsert_documents, config.max_rag_document_chars, "documents")
+    check_documents(
+        items,
+        config.max_upsert_documents,
+        config.max_rag_document_chars,
+        "documents",
+        config.max_request_document_chars,
+    )
     return items
 
 

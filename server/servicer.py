@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,10 +24,10 @@ from loraserve.v1 import inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from loraserve.server.engine.engine import Engine
-    from loraserve.server.engine.params import GenerationRequest
     from loraserve.server.engine.request_stream import RequestStream
     from loraserve.server.engine.telemetry import Telemetry
     from loraserve.server.retrieval.retriever import Retriever
+    from loraserve.server.stall_guard import StallGuard
 
 
 def cancel_with_call(context: grpc.ServicerContext, stream: RequestStream) -> None:
@@ -35,17 +36,27 @@ def cancel_with_call(context: grpc.ServicerContext, stream: RequestStream) -> No
         stream.cancel()
 
 
+# grpc reports about 9e18 seconds remaining for a call without a deadline; anything this far off is none.
+NO_DEADLINE_S = 1e9
+
+
+def time_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the client's deadline, or None when it set none."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < NO_DEADLINE_S else None
+
+
 def deadline_of(context: grpc.ServicerContext) -> float | None:
     """The client's deadline as a time.monotonic() value, or None when it set none."""
-    remaining = context.time_remaining()
+    remaining = time_left(context)
     return time.monotonic() + remaining if remaining is not None else None
 
 
-def refuse_past_deadline(params: GenerationRequest, stop_reason: StopReason | None) -> None:
+def refuse_past_deadline(deadline: float | None, stop_reason: StopReason | None) -> None:
     """DEADLINE_EXCEEDED for a request the engine dropped at its deadline. The engine drops it when its own clock
     passes the deadline, which can be a moment before gRPC's timer fires: without this, that moment would let a
     partial result through as OK (stop reason CANCELLED)."""
-    if stop_reason is StopReason.CANCELLED and params.deadline is not None and time.monotonic() >= params.deadline:
+    if stop_reason is StopReason.CANCELLED and deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("the request's deadline passed before it finished")
 
 
@@ -73,6 +84,7 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
         super().__init__()
         self.retriever = retriever
         self.rag_config = rag_config
+        self.stall_guard: StallGuard | None = None  # the server's; it cancels streams whose client stopped reading
 
     @rpc_method
     def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext, request_id: str) -> pb.ReadyResponse:
@@ -87,7 +99,7 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
         stream = self.engine.submit(params)
         cancel_with_call(context, stream)
         result = stream.result()
-        refuse_past_deadline(params, result.stop_reason)
+        refuse_past_deadline(params.deadline, result.stop_reason)
         return convert.generate_response(result)
 
     @rpc_method
@@ -98,8 +110,10 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
         stream = self.engine.submit(params)
         cancel_with_call(context, stream)
         for chunk in stream:
-            refuse_past_deadline(params, chunk.stop_reason)
-            yield convert.stream_response(chunk)
+            refuse_past_deadline(params.deadline, chunk.stop_reason)
+            guard = self.stall_guard.sending(request_id, context.cancel) if self.stall_guard else nullcontext()
+            with guard:  # gRPC resumes this generator once the message is sent
+                yield convert.stream_response(chunk)
 
     @rpc_method
     def RagQuery(
@@ -108,8 +122,13 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
         engine = self.engine
         query = convert.rag_query(request, request_id, deadline_of(context), self.rag_config)
         answer = rag.answer(
-            query, self.retriever, engine.submit, on_stream=lambda stream: cancel_with_call(context, stream)
+            query,
+            self.retriever,
+            engine.submit,
+            on_stream=lambda stream: cancel_with_call(context, stream),
+            abandoned=lambda: not context.is_active(),
         )
+        refuse_past_deadline(query.deadline, answer.result.stop_reason if answer.result else None)
         return convert.rag_response(answer)
 
     @rpc_method
@@ -126,6 +145,7 @@ class InferenceServicer(EngineHolder, pb_grpc.InferenceServiceServicer):
             engine.loaded.prompt_format.name,
             __version__,
             self.retriever.embedding_model,
+            engine.max_input_chars,
         )
 
     @rpc_method
@@ -151,14 +171,14 @@ class AdapterServicer(EngineHolder, pb_grpc.AdapterServiceServicer):
         config = self.model_config
         spec = resolve_source(request.adapter_id, request.source, config.adapter_root, config.adapter_buckets)
         version = request.version if request.HasField("version") else None
-        outcome = self.engine.load_adapter(spec, Path(config.model_cache), version, context.time_remaining())
+        outcome = self.engine.load_adapter(spec, Path(config.model_cache), version, deadline_of(context))
         return pb.LoadAdapterResponse(adapter=convert.adapter_info(outcome.info), evicted=list(outcome.evicted))
 
     @rpc_method
     def UnloadAdapter(
         self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.UnloadAdapterResponse:
-        self.engine.unload_adapter(request.adapter_id, context.time_remaining())
+        self.engine.unload_adapter(request.adapter_id, deadline_of(context))
         return pb.UnloadAdapterResponse(adapter_id=request.adapter_id)
 
     @rpc_method
@@ -184,7 +204,9 @@ class CollectionServicer(pb_grpc.CollectionServiceServicer):
         self, request: pb.UpsertDocumentsRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.UpsertDocumentsResponse:
         documents = convert.upsert_documents(request, self.rag_config)
-        outcome, info = self.retriever.upsert(request.collection, documents)
+        outcome, info = self.retriever.upsert(
+            request.collection, documents, deadline_of(context), lambda: not context.is_active()
+        )
         return convert.upsert_response(outcome, info)
 
     @rpc_method

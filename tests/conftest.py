@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +39,9 @@ LONGEST_FIRST = (
     "tests/test_cli.py",
     "tests/test_soak.py",
     "tests/test_chaos.py",
+    "tests/server/properties/test_generation.py",
+    "tests/server/properties/test_http.py",
+    "tests/server/properties/test_services.py",
 )
 
 
@@ -457,3 +462,101 @@ def wait_for_health() -> Callable[..., list[str]]:
         raise AssertionError(f"health never became {wanted}; saw {seen[-5:]}; server exit code {process.poll()}")
 
     return wait
+
+
+# ---- waiting for what a test waits for, never for a time -----------------------------------------------------------
+
+# Far above how long anything it bounds takes, even on a slow, busy 2-core CI machine, and under pytest-timeout's 300 s:
+# it only turns a hang into a failure that says so. No test asserts a timing.
+HANG_GUARD_S = 120.0
+
+
+def wait_for(condition: Callable[[], object], what: str, guard: float = HANG_GUARD_S) -> None:
+    """Poll until condition() is true. The bound is a hang guard, not a speed check: it fails only when `what` never
+    happens, however slow the machine."""
+    end = time.monotonic() + guard
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"hang guard: still waiting, after {guard:.0f} s, for {what}")
+        time.sleep(0.01)
+
+
+class EngineGate:
+    """Holds an engine's thread at the start of a model step, so that a test decides what happens between two steps
+    instead of racing the engine: a sleep in every step only makes the race unlikely, and a busy machine still loses
+    it. hold_when(condition): from then on, before each step, the engine waits while condition() is true (a step it
+    waits before is already planned: its rows get their token when it goes on). release() lets it run freely.
+
+    It also counts the steps taken (`steps`, and `batches`: the rows of each) and the request ids the engine was asked
+    to cancel (`cancelled`: install the gate before submitting, since a request's stream keeps the engine's cancel).
+    Use it as a context manager: leaving releases the engine, so that a failing test never leaves it stuck, and
+    fails the test if the engine was held past the hang guard."""
+
+    def __init__(self, engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+        self.engine = engine
+        self.steps = 0
+        self.batches: list[int] = []
+        self.cancelled: list[str] = []
+        self.held = False
+        self.hung = False
+        self._hold: Callable[[], object] | None = None
+        self._changed = threading.Condition()
+        step, cancel = engine._runner.step, engine.cancel
+
+        def gated_step(work):  # type: ignore[no-untyped-def]
+            self._wait_at_gate(len(work))
+            return step(work)
+
+        def watched_cancel(request_id: str) -> None:
+            self.cancelled.append(request_id)
+            cancel(request_id)
+
+        monkeypatch.setattr(engine._runner, "step", gated_step)
+        monkeypatch.setattr(engine, "cancel", watched_cancel)
+
+    def _wait_at_gate(self, rows: int) -> None:
+        end = time.monotonic() + HANG_GUARD_S
+        with self._changed:
+            while self._hold is not None and self._hold():
+                if time.monotonic() > end:  # the test never let it go: go on, and fail the test on leaving
+                    self.hung, self._hold = True, None
+                    break
+                self.held = True
+                self._changed.notify_all()
+                self._changed.wait(0.01)  # the condition may change without a word to the gate: look again soon
+            self.held = False
+            self.steps += 1
+            self.batches.append(rows)
+
+    def hold_when(self, condition: Callable[[], object] | None) -> None:
+        with self._changed:
+            self._hold = condition
+            self.held = False  # until the engine finds the new condition true
+            self._changed.notify_all()
+
+    def hold_after_tokens(self, count: int, until_cancelled: bool = False) -> None:
+        """Hold the engine before its next step once it has generated `count` more tokens (its requests together):
+        until release(), or with until_cancelled until the engine is asked to cancel a request."""
+        first = self.engine.stats().generated_tokens
+
+        def holding() -> bool:
+            if until_cancelled and self.cancelled:
+                return False
+            return self.engine.stats().generated_tokens >= first + count
+
+        self.hold_when(holding)
+
+    def release(self) -> None:
+        self.hold_when(None)
+
+    def wait_held(self, what: str) -> None:
+        """Wait until the engine waits at the gate; `what` says what the test waits for."""
+        wait_for(lambda: self.held, what)
+
+    def __enter__(self) -> EngineGate:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+        if self.hung and exc_info[0] is None:
+            raise AssertionError(f"hang guard: the engine was held at the gate for {HANG_GUARD_S:.0f} s")

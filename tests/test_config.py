@@ -4,12 +4,15 @@ the default; bad values name the option."""
 from __future__ import annotations
 
 import argparse
+import sys
+import urllib.request
 from dataclasses import fields
 
 import pytest
 
 from loraserve.cli import SERVE_CONFIGS, build_parser
 from loraserve.config import (
+    ClientConfig,
     EngineConfig,
     ModelConfig,
     ServerConfig,
@@ -19,6 +22,7 @@ from loraserve.config import (
     from_namespace,
 )
 from loraserve.errors import ConfigError
+from tests.conftest import HANG_GUARD_S
 
 
 def parse(config_cls: type, argv: list[str]):
@@ -81,3 +85,34 @@ def test_serve_help_explains_every_option(capsys: pytest.CaptureFixture[str]) ->
         for f in fields(config_cls):
             assert flag_name(f) in text
             assert env_name(f) in text
+
+
+def test_the_server_listens_on_loopback_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LORASERVE_HOST", "LORASERVE_METRICS_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    config = parse(ServerConfig, [])
+    assert (config.host, config.metrics_host) == ("127.0.0.1", "")  # "": /metrics on --host
+    assert parse(ServerConfig, ["--host", "0.0.0.0", "--metrics-host", "127.0.0.1"]).metrics_host == "127.0.0.1"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="127.0.0.2 is a loopback address on Linux only")
+def test_metrics_are_served_on_the_metrics_host(start_server, free_port) -> None:
+    port = free_port()
+    start_server(load=False, server_options={"metrics_port": port, "metrics_host": "127.0.0.2"})
+    assert urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=HANG_GUARD_S).status == 200
+    with pytest.raises(OSError):  # not on --host (127.0.0.1)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=HANG_GUARD_S)
+
+
+def test_no_environment_variable_sets_both_a_server_and_a_client_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container's environment configures its server and its health check at once: LORASERVE_TLS_CERT is the
+    server's certificate, never a client certificate."""
+    server_names = {env_name(f) for config_cls in SERVE_CONFIGS for f in fields(config_cls)}
+    assert not server_names & {env_name(f) for f in fields(ClientConfig)}
+    monkeypatch.setenv("LORASERVE_TLS_CERT", "/etc/loraserve/server.crt")
+    monkeypatch.setenv("LORASERVE_TLS_KEY", "/etc/loraserve/server.key")
+    monkeypatch.delenv("LORASERVE_CLIENT_CERT", raising=False)
+    assert parse(ClientConfig, []).client_cert == ""
+    monkeypatch.setenv("LORASERVE_CLIENT_CERT", "/etc/loraserve/client.crt")
+    config = parse(ClientConfig, ["--client-key", "/k"])
+    assert (config.client_cert, config.client_key) == ("/etc/loraserve/client.crt", "/k")

@@ -125,3 +125,13 @@ def test_the_task_is_configured_through_real_loraserve_variables(template: dict)
     assert container["HealthCheck"]["Command"][:3] == ["CMD", "loraserve", "health"]
     assert container["LogConfiguration"]["LogDriver"] == "awslogs"
     assert container["StopTimeout"] > 30
+
+
+def test_the_container_listens_on_every_interface(template: dict) -> None:
+    """loraserve binds loopback unless told otherwise; the image tells it to listen on every interface, so that
+    published ports and the load balancer reach it, and the task does not contradict it."""
+    assert ServerConfig().host == "127.0.0.1"
+    runtime_env = re.findall(r"^ENV ((?:.*\\\n)*.*)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[-1]
+    assert re.search(r"\bLORASERVE_HOST=0\.0\.0\.0\b", runtime_env), runtime_env
+    container = template["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    assert all(e["Value"] == "0.0.0.0" for e in container["Environment"] if e["Name"] == "LORASERVE_HOST")

@@ -99,3 +99,35 @@ def test_segments_add_up_to_the_rendering_and_each_prompt_is_what_the_server_sen
     served = prompt_format.render(CONVERSATION[:4], add_generation_prompt=True)
     assert "".join(s.text for s in segments[:3]) == served
     assert segments[3].text.startswith(("Paris.", " Paris.")) and tokenizer.eos_token in segments[3].text
+
+
+# Mistral-Instruct v0.1's template (tokenizer_config.json), which refuses a system role and non-alternating turns.
+MISTRAL_V01 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture
+def mistral_v01(tokenizer):  # type: ignore[no-untyped-def]
+    original = tokenizer.chat_template
+    tokenizer.chat_template = MISTRAL_V01
+    yield ChatTemplateFormat(tokenizer)
+    tokenizer.chat_template = original
+
+
+def test_a_template_without_a_system_role_gets_the_system_message_folded_into_the_first_user_turn(
+    mistral_v01,
+) -> None:
+    text = mistral_v01.render([Message("system", "Answer from the passages."), Message("user", "Why?")])
+    assert text.endswith("[INST] Answer from the passages.\n\nWhy? [/INST]")
+
+
+def test_what_a_template_refuses_is_invalid_argument_in_its_own_words(mistral_v01) -> None:
+    with pytest.raises(InvalidRequest, match=r"messages: the model's chat template refuses .* must alternate"):
+        mistral_v01.render([Message("user", "Hi"), Message("user", "again")])
+    with pytest.raises(InvalidRequest, match="must alternate"):
+        mistral_v01.render([Message("system", "a"), Message("system", "b"), Message("user", "c")])

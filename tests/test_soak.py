@@ -30,8 +30,11 @@ def test_mixed_traffic_ends_every_call_as_expected_and_leaves_the_server_idle(
         assert {"OK", "CANCELLED", "INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED"} <= statuses
         assert soak_round["idle_after"] == {"active_requests": 0, "queued_requests": 0, "kv_cache_used_blocks": 0}
         cases = soak_round["latency_s"]
-        for case in ("generate", "stream", "stream_cancelled", "stream_deadline", "rag_query", "tokenize"):
+        cases_run = ("generate", "stream", "stream_cancelled", "stream_deadline", "rag_query", "tokenize")
+        hostile = ("edge_values", "no_deadline", "over_the_limit", "slow_reader", "constrained")
+        for case in cases_run + hostile:
             assert cases[case]["calls"] > 0 and 0 < cases[case]["p50"] <= cases[case]["p99"]
         assert cases["load_adapter"]["calls"] > 0 and cases["unload_adapter"]["calls"] > 0
+        assert soak_round["health_probes"] > 0 and soak_round["not_serving_probes"] == 0
     assert summary["rss_growth"] <= 0.05
     assert "p99 ms" in result.stdout and "flags:" in result.stdout

@@ -378,7 +378,7 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., max_adapters: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents", "max_prefill_tokens", "max_rag_document_chars", "max_rag_query_chars", "max_upsert_documents", "max_rag_top_k", "max_constraint_bytes", "max_constraint_choices")
+    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_stop_sequences", "max_stop_sequence_length", "max_batch_size", "max_queued_requests", "max_top_n", "max_rag_documents", "max_prefill_tokens", "max_rag_document_chars", "max_rag_query_chars", "max_upsert_documents", "max_rag_top_k", "max_constraint_bytes", "max_constraint_choices", "max_input_chars", "max_request_document_chars")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -394,6 +394,8 @@ class ServerLimits(_message.Message):
     MAX_RAG_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_CONSTRAINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONSTRAINT_CHOICES_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_DOCUMENT_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     default_max_new_tokens: int
     max_stop_sequences: int
@@ -409,7 +411,9 @@ class ServerLimits(_message.Message):
     max_rag_top_k: int
     max_constraint_bytes: int
     max_constraint_choices: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., max_rag_document_chars: _Optional[int] = ..., max_rag_query_chars: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_rag_top_k: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ..., max_constraint_choices: _Optional[int] = ...) -> None: ...
+    max_input_chars: int
+    max_request_document_chars: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_rag_documents: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., max_rag_document_chars: _Optional[int] = ..., max_rag_query_chars: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_rag_top_k: _Optional[int] = ..., max_constraint_bytes: _Optional[int] = ..., max_constraint_choices: _Optional[int] = ..., max_input_chars: _Optional[int] = ..., max_request_document_chars: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
     __slots__ = ("active_requests", "queued_requests", "generated_tokens", "completed_requests", "uptime_seconds", "kv_cache_tokens", "kv_cache_used_tokens", "kv_cache_blocks", "kv_cache_block_size", "kv_cache_used_blocks", "kv_cache_cached_blocks", "prefix_caching", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "prefix_cache_hit_rate", "preemptions", "constrained_requests", "constraint_mask_steps", "constraint_mask_seconds")

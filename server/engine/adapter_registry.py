@@ -7,17 +7,23 @@ adapter at once and completes when the last request using it has finished.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from loraserve.errors import AdapterNotFound, AlreadyExists, InvalidRequest, QueueFull
+import torch
+
+from loraserve.errors import AdapterNotFound, AlreadyExists, InvalidRequest, LoraserveError, ModelFailure, QueueFull
 from loraserve.server.models.adapters import AdapterInfo, adapter_id_rule, is_valid_adapter_id
 
 if TYPE_CHECKING:
     from loraserve.server.models.lora import LoraAdapter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,27 +126,54 @@ class AdapterRegistry:
         with self._lock:
             return [r.adapter for r in self._resident.values()]
 
-    def apply_pending(self) -> bool:
-        """Carry out the loads and the unloads whose adapters are idle; True when the resident set changed."""
+    def apply_pending(self, rebuild: Callable[[list[LoraAdapter]], None]) -> None:
+        """Carry out the unloads whose adapters are idle, then the loads one by one, calling rebuild(resident) with
+        each new resident set (the engine builds its LoRA banks there). A load whose rebuild raises is undone and
+        fails with the error, mapped to its status by load_error; the adapters already resident stay."""
         done: list[tuple[Future, object]] = []
         with self._lock:
-            changed = self._finish_unloads(done)
-            for adapter, future in self._loads:
-                try:
-                    evicted = self._make_room()
-                except QueueFull as error:
-                    done.append((future, error))
-                    continue
-                self._resident[adapter.info.id] = Resident(adapter)
-                done.append((future, LoadOutcome(adapter.info, evicted)))
-                changed = True
-            self._loads = []
+            unloaded = self._finish_unloads(done)
+            loads, self._loads = self._loads, []
+        if unloaded:
+            self._rebuild_after_unload(rebuild)
+        for adapter, future in loads:
+            if future.set_running_or_notify_cancel():  # False: its caller's deadline passed and it gave up
+                done.append((future, self._load(adapter, rebuild)))
         for future, outcome in done:
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-        return changed
+
+    def _rebuild_after_unload(self, rebuild: Callable[[list[LoraAdapter]], None]) -> None:
+        """Smaller banks without the unloaded adapters. If that fails, the old banks stay: the registry no longer
+        hands out the unloaded ids, so their rows are only unused memory until the next change."""
+        try:
+            rebuild(self.resident())
+        except Exception as error:
+            logger.error("rebuilding the LoRA banks after an unload failed; the old banks stay", exc_info=error)
+
+    def _load(self, adapter: LoraAdapter, rebuild: Callable[[list[LoraAdapter]], None]) -> LoadOutcome | Exception:
+        with self._lock:
+            try:
+                evicted = self._make_room()
+            except QueueFull as error:
+                return error
+            for victim in evicted:
+                self._resident[victim].unloading = True  # no new requests while the banks are rebuilt
+            candidate = [r.adapter for i, r in self._resident.items() if i not in evicted] + [adapter]
+        try:
+            rebuild(candidate)
+        except Exception as error:
+            with self._lock:
+                for victim in evicted:
+                    self._resident[victim].unloading = False
+            return load_error(adapter.info.id, error)
+        with self._lock:
+            for victim in evicted:
+                del self._resident[victim]
+            self._resident[adapter.info.id] = Resident(adapter)
+        return LoadOutcome(adapter.info, evicted)
 
     def fail_pending(self, error: BaseException) -> None:
         """The engine stopped: end every waiting load and unload with `error`."""
@@ -148,7 +181,8 @@ class AdapterRegistry:
             futures = [f for _, f in self._loads] + [f for _, f in self._unloads]
             self._loads, self._unloads = [], []
         for future in futures:
-            future.set_exception(error)
+            if not future.cancelled():  # a load whose caller gave up at its deadline is cancelled already
+                future.set_exception(error)
 
     def _finish_unloads(self, done: list[tuple[Future, object]]) -> bool:
         waiting = []
@@ -163,15 +197,25 @@ class AdapterRegistry:
         return changed
 
     def _make_room(self) -> tuple[str, ...]:
-        """Unload least recently used idle adapters until one more fits (lock held)."""
-        evicted: list[str] = []
-        while len(self._resident) >= self.max_adapters:
-            idle = [(r.last_used, i) for i, r in self._resident.items() if r.active == 0 and not r.unloading]
-            if not idle:
-                raise QueueFull(
-                    f"all {self.max_adapters} resident adapters are in use (--max-adapters); retry when one is idle"
-                )
-            _, victim = min(idle)
-            del self._resident[victim]
-            evicted.append(victim)
-        return tuple(evicted)
+        """The least recently used idle adapters to unload so that one more fits (lock held)."""
+        idle = sorted((r.last_used, i) for i, r in self._resident.items() if r.active == 0 and not r.unloading)
+        excess = len(self._resident) + 1 - self.max_adapters
+        if excess <= 0:
+            return ()
+        if len(idle) < excess:
+            raise QueueFull(
+                f"all {self.max_adapters} resident adapters are in use (--max-adapters); retry when one is idle"
+            )
+        return tuple(i for _, i in idle[:excess])
+
+
+def load_error(adapter_id: str, error: Exception) -> Exception:
+    """The load's own status for an error raised while its LoRA banks were built."""
+    if isinstance(error, LoraserveError):
+        return error
+    if isinstance(error, torch.OutOfMemoryError):
+        return QueueFull(f"adapter {adapter_id!r} does not fit in the device's memory beside the resident ones")
+    if isinstance(error, ValueError):  # e.g. a prompt format this tokenizer cannot render
+        return InvalidRequest(f"adapter {adapter_id!r} cannot be served: {error}", "source")
+    logger.error("loading an adapter failed", exc_info=error, extra={"adapter_id": adapter_id})
+    return ModelFailure(f"adapter {adapter_id!r} could not be made resident (the server log has details)")

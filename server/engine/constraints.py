@@ -20,9 +20,11 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -66,16 +68,54 @@ def _from_json_schema(schema: dict, field: str) -> str:
         raise InvalidRequest(f"is not a usable JSON schema: {error}", field) from None
 
 
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The tokenizer's special tokens (their text is never output text), as bitmask words that clear them.
+
+    llguidance's masks can allow a special token whose text spells the forced next bytes (a regex or literal
+    `<|im_end|>` lets token <|im_end|> through), and then refuse it when it is consumed (guidance-ai/llguidance#366,
+    dottxt-ai/outlines#1771). So a constrained row never gets a special token, except an end-of-sequence token once
+    its text is complete. The masks are precomputed: one AND per row and step, whatever the number of special tokens
+    (Mistral's tokenizer has 771)."""
+
+    names: dict[int, str]
+    bits: torch.Tensor  # [W] int32: the special tokens' bits
+    keep_text: torch.Tensor  # [W] int32: every bit but the special tokens'
+    keep_text_and_eos: torch.Tensor  # [W] int32: every bit but the special tokens' that do not end the text
+
+    @classmethod
+    def of(cls, names: dict[int, str], eos_ids: frozenset[int], vocab_size: int) -> SpecialTokens:
+        words = (vocab_size + 31) // 32
+
+        def bitmask(ids: set[int]) -> np.ndarray:
+            mask = np.zeros(words, dtype=np.uint32)
+            for token in ids:
+                mask[token // 32] |= np.uint32(1 << (token % 32))
+            return mask
+
+        special, ending = bitmask(set(names)), bitmask(set(names) & set(eos_ids))
+
+        def as_int32(mask: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(mask.view(np.int32).copy())
+
+        return cls(names, as_int32(special), as_int32(~special), as_int32(~(special & ~ending)))
+
+
 class RowConstraint:
     """One request's position in its constraint. Only the engine thread uses it once the request is queued."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, special: SpecialTokens) -> None:
         self._matcher = matcher
+        self._special = special
+        self._special_allowed: torch.Tensor | None = None  # the special tokens the last mask offered, as bits
 
     def fill_mask(self, row: torch.Tensor) -> None:
         """Write the allowed next tokens as bits (bit t of word t // 32 set = token t allowed) into `row`, a
-        contiguous int32 CPU tensor of ceil(vocab / 32) words."""
+        contiguous int32 CPU tensor of ceil(vocab / 32) words; special tokens that are not text are left out."""
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        special = self._special
+        self._special_allowed = row & special.bits
+        row.bitwise_and_(special.keep_text_and_eos if self._matcher.is_accepting() else special.keep_text)
 
     def advance(self, token_id: int) -> None:
         """Take the sampled token; a token the mask did not allow puts the matcher in its error state."""
@@ -91,6 +131,21 @@ class RowConstraint:
         """Why the matcher cannot go on (a grammar too complex to follow at this point, say), or None."""
         return _short(self._matcher.get_error()) if self._matcher.is_error() else None
 
+    def dead_end(self) -> str:
+        """Why no token can continue the text, for a row whose mask came out empty."""
+        allowed = self._special_allowed
+        blocked = []
+        if allowed is not None:
+            for word in torch.nonzero(allowed).flatten().tolist():
+                bits = int(allowed[word]) & 0xFFFFFFFF
+                blocked += [self._special.names[word * 32 + b] for b in range(32) if bits >> b & 1]
+        if blocked:
+            return (
+                f"the text it needs next spells the special token {', '.join(blocked)}, which this model's "
+                "tokenizer keeps as a control token, never as text; leave it out of the constraint"
+            )
+        return "no text can continue it"
+
 
 class ConstraintCompiler:
     """Compiles constraints for one model's tokenizer and keeps the last `cache_size` of them. Thread-safe."""
@@ -101,6 +156,7 @@ class ConstraintCompiler:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos_token_ids = sorted(eos_token_ids)
+        self._special = special_tokens(tokenizer, vocab_size, eos_token_ids)
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
@@ -137,7 +193,7 @@ class ConstraintCompiler:
                 self._compiled[key] = template
                 while len(self._compiled) > self._cache_size:
                     self._compiled.popitem(last=False)
-        return RowConstraint(template.deep_copy())
+        return RowConstraint(template.deep_copy(), self._special)
 
     def _compile(self, constraint: OutputConstraint) -> llguidance.LLMatcher:
         grammar = grammar_for(constraint)
@@ -145,12 +201,32 @@ class ConstraintCompiler:
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
             raise InvalidRequest(f"does not compile: {_short(matcher.get_error())}", constraint.field)
+        self._check_first_step(matcher, constraint)
         return matcher
+
+    def _check_first_step(self, matcher: llguidance.LLMatcher, constraint: OutputConstraint) -> None:
+        """Refuse here, not after queueing, a constraint no token can start: one whose language is empty
+        (`start: start`, `[^\\s\\S]`), or whose first text is a special token's."""
+        probe = RowConstraint(matcher.deep_copy(), self._special)
+        row = torch.zeros((self.vocab_size + 31) // 32, dtype=torch.int32)
+        probe.fill_mask(row)
+        if probe.error is not None:  # the library's way of saying the same, for some empty languages
+            library = probe.error.splitlines()[0]
+            raise InvalidRequest(f"cannot be satisfied: no text can start it ({library})", constraint.field)
+        if not bool(row.any()):
+            raise InvalidRequest(f"cannot be satisfied: {probe.dead_end()}", constraint.field)
 
     @property
     def cached(self) -> int:
         with self._lock:
             return len(self._compiled)
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: frozenset[int]) -> SpecialTokens:
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    ids = set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+    names = {i: str(added[i]) if i in added else tokenizer.convert_ids_to_tokens(i) for i in ids if 0 <= i < vocab_size}
+    return SpecialTokens.of(names, eos_token_ids, vocab_size)
 
 
 def apply_masks(scores: torch.Tensor, rows: Sequence[tuple[int, RowConstraint]]) -> None:

@@ -17,13 +17,24 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from loraserve.config import EngineConfig, parse_size
-from loraserve.errors import Cancelled, ConfigError, InvalidRequest, QueueFull, Unavailable
+from loraserve.config import CHARS_PER_CONTEXT_TOKEN, EngineConfig, parse_size
+from loraserve.errors import (
+    Cancelled,
+    ConfigError,
+    DeadlineExceeded,
+    InvalidRequest,
+    LoraserveError,
+    ModelFailure,
+    QueueFull,
+    Unavailable,
+)
 from loraserve.prompting import Message, load_prompt_format
 from loraserve.server.engine.adapter_registry import AdapterRegistry, LoadOutcome
 from loraserve.server.engine.block_manager import BASE_MODEL_IDENTITY, BlockManager, BlockTable
@@ -32,24 +43,28 @@ from loraserve.server.engine.outputs import StopReason, TokenDetail
 from loraserve.server.engine.params import GenerationRequest
 from loraserve.server.engine.preparation import prepare
 from loraserve.server.engine.request_stream import RequestStream
-from loraserve.server.engine.sampling import sample_next
+from loraserve.server.engine.sampling import SampledTokens, sample_next
 from loraserve.server.engine.scheduler import Scheduler
 from loraserve.server.engine.sequence import Sequence as GenerationSequence
 from loraserve.server.engine.sequence import SequenceContext
 from loraserve.server.engine.stats import EngineStats
 from loraserve.server.engine.step_budget import StepBudget
 from loraserve.server.engine.telemetry import Telemetry, wall_ns
-from loraserve.server.engine.tokenization import Tokenization
+from loraserve.server.engine.tokenization import InputLimits, Tokenization
 from loraserve.server.models import native
 from loraserve.server.models.adapters import AdapterSpec
 from loraserve.server.models.cuda_graphs import DecodeGraphs
 from loraserve.server.models.kv_blocks import PagedKVCache, budget_bytes
 from loraserve.server.models.loading import LoadedModel, read_adapter_from
-from loraserve.server.models.lora import LoraBanks
+from loraserve.server.models.lora import LoraAdapter, LoraBanks
 from loraserve.server.models.registry import runner_class
 from loraserve.server.models.types import RowWork
 
 logger = logging.getLogger(__name__)
+
+
+class ModelFault(Exception):
+    """Steps kept failing: the model or its device is at fault, and the engine ends (its cause is the last error)."""
 
 
 class EngineState(enum.Enum):
@@ -80,12 +95,14 @@ class Engine:
             )
         self._cond = threading.Condition()
         self.adapters = AdapterRegistry(list(loaded.lora_adapters), config.max_adapters, self._cond)
-        self.tokenization = Tokenization(loaded.tokenizer, loaded.prompt_format)
+        self.max_sequence_length = loaded.description.max_sequence_length
+        self.max_input_chars = config.max_input_chars or CHARS_PER_CONTEXT_TOKEN * self.max_sequence_length
+        limits = InputLimits(max_chars=self.max_input_chars, max_messages=self.max_sequence_length)
+        self.tokenization = Tokenization(loaded.tokenizer, loaded.prompt_format, limits=limits)
         self.constraints = ConstraintCompiler(
             loaded.tokenizer, loaded.description.vocab_size, loaded.eos_token_ids, config.constraint_cache_size
         )
         self._on_failure = on_failure
-        self.max_sequence_length = loaded.description.max_sequence_length
         self._runner_class = runner_class(loaded.model)
         self.kv = self._kv_cache(loaded, config)
         self.blocks = BlockManager(self.kv.usable_blocks, self.kv.block_size, config.prefix_caching)
@@ -98,7 +115,7 @@ class Engine:
         self._running: list[GenerationSequence] = []  # in admission order; each holds KV cache blocks
         self._adapter_index: dict[str, int] = {}
         self._adapter_identity: dict[str, bytes] = {}
-        self._use_resident_adapters()
+        self._use_adapters(self.adapters.resident())
         budget = StepBudget(
             config.max_prefill_tokens,
             config.min_prefill_tokens,
@@ -107,7 +124,7 @@ class Engine:
         )
         self._scheduler = Scheduler(self.blocks, config.max_batch_size, budget)
         self._context = SequenceContext(
-            tokenization=self.tokenization,
+            tokenization=self.tokenization.private_copy(),  # decoding on the engine thread waits for no encode
             eos_token_ids=loaded.eos_token_ids,
             max_sequence_length=self.max_sequence_length,
             device=self._runner.device,
@@ -118,6 +135,7 @@ class Engine:
         self._generated_tokens = 0
         self._completed = 0
         self._preemptions = 0
+        self._failed_steps = 0  # in a row; a successful step resets it
         self._constrained_requests = 0
         self._mask_steps = 0
         self._mask_seconds = 0.0
@@ -142,25 +160,27 @@ class Engine:
         )
         return kv
 
-    def _use_resident_adapters(self) -> None:
-        """Rebuild the LoRA banks, prompt formats and adapter indices from the resident adapters (engine thread)."""
-        resident = self.adapters.resident()
+    def _use_adapters(self, resident: list[LoraAdapter]) -> None:
+        """Make `resident` the adapters the model runs: LoRA banks, prompt formats and adapter indices (engine
+        thread). Everything is built before anything is replaced, so a failure leaves the running set as it was."""
         model = self.loaded.model
         banks = None
         if resident:
             features = self._runner_class.projection_features(model)
             banks = LoraBanks(resident, features, model.config.num_hidden_layers, model.dtype, model.device)
-        self._runner.lora = banks
-        if self._graphs is not None:
-            self._graphs.invalidate()  # captured graphs read the old banks
-        self._adapter_index = banks.index if banks is not None else {}
-        # Prefix cache blocks are keyed by the adapter's weights, never its id alone.
-        self._adapter_identity = {a.info.id: bytes.fromhex(a.info.content_hash) for a in resident}
-        self.tokenization.adapter_formats = {
+        formats = {
             a.info.id: load_prompt_format(a.info.prompt_format, self.loaded.tokenizer)
             for a in resident
             if a.info.prompt_format
         }
+        # Prefix cache blocks are keyed by the adapter's weights, never its id alone.
+        identity = {a.info.id: bytes.fromhex(a.info.content_hash) for a in resident}
+        self._runner.lora = banks
+        self._adapter_index = banks.index if banks is not None else {}
+        self._adapter_identity = identity
+        self.tokenization.adapter_formats = formats
+        if self._graphs is not None:
+            self._graphs.invalidate()  # captured graphs read the old banks
         with self._cond:
             for sequence in [*self._running, *self._waiting]:
                 sequence.adapter_index = self._adapter_index.get(sequence.request.adapter_id, -1)
@@ -305,17 +325,33 @@ class Engine:
                 constraint_mask_seconds=self._mask_seconds,
             )
 
-    def load_adapter(self, spec: AdapterSpec, cache: Path, version: str | None, timeout: float | None) -> LoadOutcome:
+    def load_adapter(self, spec: AdapterSpec, cache: Path, version: str | None, deadline: float | None) -> LoadOutcome:
         """Read an adapter here (file and network I/O stay off the engine thread), then have the engine thread make
-        it resident between two steps."""
+        it resident between two steps; `deadline` (time.monotonic(), None for none) bounds both together."""
         self.check_accepting()
-        where = f"adapter {spec.id} ({spec.path})"
+        where = f"adapter {spec.id} ({spec.public_source})"  # clients never see the server's paths
         try:
             adapter = read_adapter_from(spec, self.loaded.model, cache, version, where)
-        except ConfigError as error:
-            raise InvalidRequest(str(error)) from None
+            if adapter.info.prompt_format:  # refused here, not later on the engine thread
+                load_prompt_format(adapter.info.prompt_format, self.loaded.tokenizer)
+        except (ConfigError, ValueError) as error:
+            raise InvalidRequest(f"{where}: {error}" if isinstance(error, ValueError) else str(error)) from None
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            self._count_load("refused")
+            raise DeadlineExceeded("the deadline passed while the adapter was read; nothing was loaded")
+        future = self.adapters.request_load(adapter)
         try:
-            outcome = self.adapters.request_load(adapter).result(timeout)
+            outcome = future.result(timeout)
+        except FutureTimeout:
+            self._count_load("refused")
+            if future.cancel():  # the engine had not started on it: nothing was loaded
+                raise DeadlineExceeded(
+                    "the deadline passed before the adapter became resident; nothing was loaded"
+                ) from None
+            raise DeadlineExceeded(
+                "the deadline passed while the adapter was being made resident; ListAdapters tells whether it is"
+            ) from None
         except Exception:
             self._count_load("refused")
             raise
@@ -324,7 +360,7 @@ class Engine:
             "adapter loaded",
             extra={
                 "adapter_id": spec.id,
-                "source": spec.path,
+                "source": spec.public_source,
                 "evicted": outcome.evicted,
                 "version": adapter.info.version,
             },
@@ -335,16 +371,23 @@ class Engine:
         if self.telemetry is not None:
             self.telemetry.adapter_loads.add(1, {"outcome": outcome})
 
-    def unload_adapter(self, adapter_id: str, timeout: float | None) -> None:
-        """Stop new requests for the adapter, wait for its running ones, then free it."""
-        self.adapters.request_unload(adapter_id).result(timeout)
+    def unload_adapter(self, adapter_id: str, deadline: float | None) -> None:
+        """Stop new requests for the adapter, wait (until `deadline`, time.monotonic()) for its running ones, then
+        free it."""
+        try:
+            self.adapters.request_unload(adapter_id).result(None if deadline is None else deadline - time.monotonic())
+        except FutureTimeout:
+            raise DeadlineExceeded(
+                f"the deadline passed while requests still ran on {adapter_id!r}; it takes no new ones and is "
+                "unloaded when they finish"
+            ) from None
         logger.info("adapter unloaded", extra={"adapter_id": adapter_id})
 
     def tokenize(
         self, text: str = "", messages: Sequence[Message] = (), details: bool = False
     ) -> tuple[int, tuple[TokenDetail, ...]]:
         """Token count (and, with details, the tokens) of a text or of messages rendered as Generate renders them."""
-        ids = self.tokenization.encode(text, messages)
+        ids = self.tokenization.encode(text, messages, field="text")
         return len(ids), self.tokenization.details(ids) if details else ()
 
     def check_accepting(self) -> None:
@@ -371,19 +414,33 @@ class Engine:
         return logits if logits is not None else self._runner.step(work)
 
     def _loop(self) -> None:
+        """Turns until stop(). Nothing one request or adapter brings ends it: a failure ends that request (or that
+        load) with its status. Only --max-consecutive-failed-steps failed steps in a row, a fault of the model
+        itself, end it (health turns NOT_SERVING)."""
         try:
-            while True:
-                if self.adapters.apply_pending():
-                    self._use_resident_adapters()
-                admitted = self._admit()
-                if admitted is None:
-                    return
-                self._expire_running()
-                work = self._plan()
-                if work:
-                    self._step(work)
+            while self._turn():
+                pass
+        except ModelFault as fault:  # the last of the failed steps in a row
+            self._die(fault.__cause__ or fault)
         except BaseException as error:  # the engine must never die silently: fail everything and say so
             self._die(error)
+
+    def _turn(self) -> bool:
+        """Apply adapter changes, admit, expire, plan and step once; False when the engine stops."""
+        self.adapters.apply_pending(self._use_adapters)
+        try:
+            admitted = self._admit()
+            if admitted is None:
+                return False
+            self._expire_running()
+            work = self._plan()
+            if work:
+                self._step(work)
+        except ModelFault:
+            raise
+        except Exception as error:  # a fault outside the model's forward pass: the batch's requests end
+            self._step_failed(list(self._running), error)
+        return True
 
     def _admit(self) -> list[GenerationSequence] | None:
         """Wait for work; move waiting requests into the batch while it and the KV cache have room.
@@ -439,19 +496,20 @@ class Engine:
         started = time.perf_counter()
         try:
             logits = self._forward([row_work for _, row_work in work])
+            sampling = []
+            for sequence, row_work in work:
+                sequence.cached = row_work.end
+                self.blocks.commit(sequence.table, sequence.token_ids, sequence.cached)
+                if row_work.wants_logits:
+                    sampling.append(sequence)
+            sampled = sample_next(logits, [s.step_inputs() for s in sampling])
         except Exception as error:
-            self._fail_step([sequence for sequence, _ in work], error)
+            self._step_failed([sequence for sequence, _ in work], error)
             return
-        sampling = []
-        for sequence, row_work in work:
-            sequence.cached = row_work.end
-            self.blocks.commit(sequence.table, sequence.token_ids, sequence.cached)
-            if row_work.wants_logits:
-                sampling.append(sequence)
-        self._advance(sampling, logits)
+        self._failed_steps = 0
+        self._advance(sampling, sampled)
         self._scheduler.budget.observe(sum(len(w.tokens) for _, w in work), time.perf_counter() - started)
-        if self.telemetry is not None:
-            self._record_step(len(work), sampling)
+        self._record(self._record_step, len(work), sampling)
 
     def _record_step(self, batch: int, sampled: list[GenerationSequence]) -> None:
         telemetry = self.telemetry
@@ -463,17 +521,33 @@ class Engine:
                 telemetry.inter_token_latency.record(gap)
             sequence.token_gaps.clear()
 
-    def _advance(self, sequences: list[GenerationSequence], logits: torch.Tensor) -> None:
-        """Sample a token for each sequence (row i of logits is sequences[i]) and hand it to the sequence."""
-        sampled = sample_next(logits, [s.step_inputs() for s in sequences])
+    def _advance(self, sequences: list[GenerationSequence], sampled: SampledTokens) -> None:
+        """Hand each sequence its sampled token (sequences[i] is row i); a row without one fails its request."""
         for i, sequence in enumerate(sequences):
-            sequence.append(sampled.token_ids[i], sampled.logprobs[i], sampled.top_tokens[i])
+            error = sampled.errors.get(i)
+            try:
+                if error is not None:
+                    raise error
+                sequence.append(sampled.token_ids[i], sampled.logprobs[i], sampled.top_tokens[i])
+            except Exception as failure:  # scoped to this request: the rest of the batch goes on
+                self._fail_request(sequence, failure)
         with self._cond:
-            self._generated_tokens += len(sequences)
+            self._generated_tokens += len(sequences) - len(sampled.errors)
             if sampled.mask_seconds:
                 self._mask_steps += 1
                 self._mask_seconds += sampled.mask_seconds
         self._evict_finished()
+
+    @staticmethod
+    def _fail_request(sequence: GenerationSequence, error: Exception) -> None:
+        if not isinstance(error, LoraserveError):
+            logger.error(
+                "a request failed while its token was taken", exc_info=error, extra={"request_id": sequence.request_id}
+            )
+            error = ModelFailure("the server failed while generating this request (the log has details)")
+        else:
+            logger.warning("a request failed", extra={"request_id": sequence.request_id, "reason": str(error)})
+        sequence.fail(error)
 
     def _evict_finished(self) -> None:
         """Drop finished requests from the batch, freeing their KV cache blocks."""
@@ -496,9 +570,17 @@ class Engine:
             if was_active:
                 self._active -= len(sequences)
             self._cond.notify_all()
-        if self.telemetry is not None:
-            for sequence in sequences:
-                self._record_request(sequence)
+        for sequence in sequences:
+            self._record(self._record_request, sequence)
+
+    def _record(self, record: Callable[..., None], *args: Any) -> None:
+        """Telemetry, which must never fail a request or the engine: an error in it is logged and dropped."""
+        if self.telemetry is None:
+            return
+        try:
+            record(*args)
+        except Exception as error:
+            logger.error("recording telemetry failed", exc_info=error)
 
     def _record_request(self, sequence: GenerationSequence) -> None:
         telemetry = self.telemetry
@@ -524,15 +606,25 @@ class Engine:
             attributes,
         )
 
-    def _fail_step(self, sequences: list[GenerationSequence], error: Exception) -> None:
-        """A step raised: fail its requests, free their blocks, keep serving the others."""
+    def _step_failed(self, sequences: list[GenerationSequence], error: Exception) -> None:
+        """A step raised: fail its requests, free their blocks, keep serving the others. After
+        --max-consecutive-failed-steps failures in a row the model itself is at fault: ModelFault is raised (before
+        the requests are failed, so that health is NOT_SERVING by the time their clients hear), and the engine
+        ends."""
+        self._failed_steps += 1
         logger.error(
             "a model step failed; its requests end with INTERNAL",
             exc_info=error,
-            extra={"request_ids": [s.request_id for s in sequences]},
+            extra={
+                "request_ids": [s.request_id for s in sequences],
+                "consecutive_failures": self._failed_steps,
+            },
         )
+        if self._failed_steps >= self.config.max_consecutive_failed_steps:
+            raise ModelFault(f"{self._failed_steps} model steps failed in a row") from error
         for sequence in sequences:
-            sequence.fail(RuntimeError("the model failed while running this request"))
+            if not sequence.finished:
+                sequence.fail(ModelFailure("the model failed while running this request; retry it"))
         self._evict_finished()
 
     def _die(self, error: BaseException) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class StopReason(enum.Enum):
@@ -56,6 +56,15 @@ class GenerationChunk:
     @property
     def finished(self) -> bool:
         return self.stop_reason is not None
+
+    def followed_by(self, later: GenerationChunk) -> GenerationChunk:
+        """This chunk and the next as one: their text and tokens joined, the counts and stop of the later one."""
+        return replace(
+            later,
+            text=self.text + later.text,
+            tokens=self.tokens + later.tokens,
+            input_tokens=self.input_tokens or later.input_tokens,
+        )
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,28 @@ import enum
 import hashlib
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 
 from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message, validate_messages
 
 MAX_SEED = 2**64 - 1
+
+
+def _float32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+# The ranges in which the sampler's float32 arithmetic is sound. Below MIN_TEMPERATURE, logits / temperature overflows
+# to inf and the softmax gives NaN (vLLM refuses the same range); above MAX_TEMPERATURE sampling is already uniform,
+# and float32 turns a temperature of 1e39 into inf (-inf / inf is NaN). A repetition penalty outside its range
+# likewise overflows (a subnormal penalty divides a score into inf).
+# The bounds as the contract's 32-bit floats hold them: a client that sends 1e-5 sends 9.99999975e-06.
+MIN_TEMPERATURE = _float32(1e-5)
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY = _float32(0.01)
+MAX_REPETITION_PENALTY = 100.0
 
 
 def _finite(value: float) -> bool:
@@ -32,15 +48,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not _finite(self.temperature) or self.temperature < 0:
-            raise InvalidRequest(f"must be a number >= 0 (0 is greedy), got {self.temperature}", "sampling.temperature")
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequest(
+                f"must be 0 (greedy) or in [1e-05, {MAX_TEMPERATURE:g}], got {self.temperature}",
+                "sampling.temperature",
+            )
         if self.top_k < 0:
             raise InvalidRequest(f"must be >= 0 (0 keeps every token), got {self.top_k}", "sampling.top_k")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest(f"must be in (0, 1], got {self.top_p}", "sampling.top_p")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise InvalidRequest(
-                f"must be a number > 0 (1 is none), got {self.repetition_penalty}", "sampling.repetition_penalty"
+                f"must be in [0.01, {MAX_REPETITION_PENALTY:g}] (1 is none), got {self.repetition_penalty}",
+                "sampling.repetition_penalty",
             )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequest(f"must be in [0, 2^64), got {self.seed}", "sampling.seed")

@@ -11,6 +11,10 @@ from loraserve.server.engine.params import GenerationRequest, OutputConstraint
 from loraserve.server.engine.tokenization import Tokenization
 
 
+class PromptTooLong(InvalidRequest):
+    """The prompt leaves the context no room to generate."""
+
+
 @dataclass(frozen=True)
 class PreparedRequest:
     prompt_ids: list[int]
@@ -71,7 +75,7 @@ def prompt_ids(request: GenerationRequest, tokenization: Tokenization, max_seque
     if request.truncate_input_tokens and len(ids) > request.truncate_input_tokens:
         ids = ids[-request.truncate_input_tokens :]
     if len(ids) >= max_sequence_length:
-        raise InvalidRequest(
+        raise PromptTooLong(
             f"is {len(ids)} tokens, but the context holds {max_sequence_length} tokens including at least one new "
             f"token; shorten it or set truncate_input_tokens (at most {max_sequence_length - 1})",
             field,
@@ -80,7 +84,10 @@ def prompt_ids(request: GenerationRequest, tokenization: Tokenization, max_seque
 
 
 def prepare(
-    request: GenerationRequest, config: EngineConfig, tokenization: Tokenization, max_sequence_length: int
+    request: GenerationRequest,
+    config: EngineConfig,
+    tokenization: Tokenization,
+    max_sequence_length: int,
 ) -> PreparedRequest:
     max_new_tokens = check_limits(request, config)
     return PreparedRequest(prompt_ids(request, tokenization, max_sequence_length), max_new_tokens)

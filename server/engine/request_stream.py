@@ -1,11 +1,15 @@
-"""The channel between the engine thread and the thread serving one request: the engine puts chunks (or an error),
-the RPC thread iterates them; an asyncio server has them handed to a callback instead (`listen`), so that no thread
-waits per request."""
+"""The channel between the engine thread and whoever serves one request: the engine puts chunks (or an error), the
+reader takes them, on an RPC thread (iterating) or on an asyncio loop (told by a callback that something arrived).
+
+What the reader has not taken yet is coalesced into one chunk, the way vLLM's RequestOutputCollector does: a client
+that reads slowly, or not at all, gets the same text in fewer, larger chunks, and what waits for it is at most its
+output so far, never a chunk object per token."""
 
 from __future__ import annotations
 
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 
 from loraserve.errors import Unavailable
@@ -15,6 +19,8 @@ from loraserve.server.engine.outputs import GenerationChunk, GenerationResult
 # a safety net, not the mechanism).
 _LIVENESS_POLL_S = 1.0
 
+Item = GenerationChunk | BaseException
+
 
 class RequestStream:
     """Iterate for chunks until the finished one; an error the engine put is raised instead."""
@@ -23,34 +29,42 @@ class RequestStream:
         self.request_id = request_id
         self._cancel = cancel
         self._engine_alive = engine_alive
-        self._queue: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
-        self._listener: Callable[[GenerationChunk | BaseException], None] | None = None
-        self._lock = threading.Lock()
+        self._backlog: deque[Item] = deque()
+        self._arrived = threading.Condition()
+        self._on_put: Callable[[], None] | None = None
 
-    def put(self, item: GenerationChunk | BaseException) -> None:
-        with self._lock:
-            if self._listener is not None:
-                self._listener(item)
+    def put(self, item: Item) -> None:
+        """From the engine thread: a chunk, merged into the one still waiting for the reader if there is one."""
+        with self._arrived:
+            last = self._backlog[-1] if self._backlog else None
+            if isinstance(item, GenerationChunk) and isinstance(last, GenerationChunk):
+                self._backlog[-1] = last.followed_by(item)
             else:
-                self._queue.put(item)
+                self._backlog.append(item)
+            self._arrived.notify()
+            on_put = self._on_put
+        if on_put is not None:
+            on_put()
 
-    def listen(self, listener: Callable[[GenerationChunk | BaseException], None]) -> None:
-        """Hand every item to `listener` from now on, those already put first. It runs on the engine's thread: it
-        must be quick and must not raise."""
-        with self._lock:
-            while True:
-                try:
-                    listener(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._listener = listener
+    def notify(self, on_put: Callable[[], None]) -> None:
+        """Call `on_put` (on the engine's thread: it must be quick and must not raise) whenever something arrives,
+        and once now if something already has; the reader then takes it with take_nowait."""
+        with self._arrived:
+            self._on_put = on_put
+            pending = bool(self._backlog)
+        if pending:
+            on_put()
+
+    def take_nowait(self) -> Item | None:
+        with self._arrived:
+            return self._backlog.popleft() if self._backlog else None
 
     def cancel(self) -> None:
         self._cancel(self.request_id)
 
     def __iter__(self) -> Iterator[GenerationChunk]:
         while True:
-            item = self._next()
+            item = self._take()
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -61,10 +75,11 @@ class RequestStream:
         """Wait for the whole completion."""
         return GenerationResult.from_chunks(self)
 
-    def _next(self) -> GenerationChunk | BaseException:
-        while True:
-            try:
-                return self._queue.get(timeout=_LIVENESS_POLL_S)
-            except queue.Empty:
-                if not self._engine_alive():
+    def _take(self) -> Item:
+        with self._arrived:
+            while not self._backlog:
+                started = time.monotonic()
+                self._arrived.wait(_LIVENESS_POLL_S)
+                if not self._backlog and time.monotonic() - started >= _LIVENESS_POLL_S and not self._engine_alive():
                     return Unavailable("the engine stopped before this request finished")
+            return self._backlog.popleft()

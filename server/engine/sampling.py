@@ -1,17 +1,21 @@
 """Picking the next token for every row of a batch, each row with its own settings: repetition penalty, the token
 mask of its output constraint, suppressed tokens (EOS before min_new_tokens), greedy or temperature / top-k / top-p
 sampling with the row's own seeded generator, and the log-probabilities a request asked for. Constrained and free rows
-share the batch: masks apply to their own rows only."""
+share the batch: masks apply to their own rows only.
+
+A row whose scores cannot be sampled from (NaN or +inf from the model or an adapter, or nothing left once its masks
+apply) gets an error instead of a token: that request fails, the rest of the batch goes on."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from loraserve.errors import InvalidRequest, LoraserveError, ModelFailure
 from loraserve.server.engine.constraints import RowConstraint, apply_masks
 from loraserve.server.engine.params import SamplingParams
 
@@ -55,6 +59,7 @@ class SampledTokens:
     logprobs: list[float | None]
     top_tokens: list[list[tuple[int, float]]]
     mask_seconds: float = 0.0
+    errors: dict[int, LoraserveError] = field(default_factory=dict)  # row -> its request's end (token_ids: -1)
 
 
 def apply_repetition_penalty(scores: torch.Tensor, rows: Sequence[RowStep]) -> None:
@@ -113,8 +118,30 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return scores
 
 
-def _sample_rows(scores: torch.Tensor, rows: Sequence[RowStep], indices: list[int]) -> list[int]:
-    """Temperature / top-k / top-p sampling of the given rows, each from its own generator."""
+def unsampleable_rows(logits: torch.Tensor, scores: torch.Tensor, rows: Sequence[RowStep]) -> dict[int, LoraserveError]:
+    """Rows that no token can be drawn from, with the error their request ends with. logits: the model's [B, V];
+    scores: after penalties and masks. NaN or +inf from the model is the model's failure; nothing left once the
+    masks apply is the constraint's dead end (or, without one, the suppressed tokens')."""
+    # One pass on the hot path: a row's maximum is finite exactly when it has no NaN (masks keep NaN), no +inf, and
+    # not only -inf. Only the rows it flags are looked at again.
+    flagged = ~torch.isfinite(scores.amax(dim=-1))
+    if not bool(flagged.any()):
+        return {}
+    errors: dict[int, LoraserveError] = {}
+    for i in torch.nonzero(flagged).flatten().tolist():
+        constraint = rows[i].constraint
+        if bool(torch.isnan(logits[i]).any() or torch.isposinf(logits[i]).any()):
+            errors[i] = ModelFailure("the model produced NaN or infinite scores for this request")
+        elif constraint is not None:
+            errors[i] = InvalidRequest(f"cannot be followed further: {constraint.dead_end()}", "constraint")
+        else:
+            errors[i] = ModelFailure("no token is allowed here: the suppressed tokens exclude every token")
+    return errors
+
+
+def _sample_rows(scores: torch.Tensor, rows: Sequence[RowStep], indices: list[int]) -> dict[int, int | LoraserveError]:
+    """Temperature / top-k / top-p sampling of the given rows, each from its own generator: row -> its token, or why
+    it has none (the probabilities are not finite once scaled by the temperature)."""
     device = scores.device
     params = [rows[i].sampler.params for i in indices]
     temperature = torch.tensor([p.temperature for p in params], device=device, dtype=scores.dtype)
@@ -122,9 +149,14 @@ def _sample_rows(scores: torch.Tensor, rows: Sequence[RowStep], indices: list[in
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=scores.dtype)
     subset = filter_top_k_top_p(scores[indices] / temperature[:, None], top_k, top_p)
     probs = subset.softmax(dim=-1)
-    return [
-        int(torch.multinomial(probs[j], 1, generator=rows[i].sampler.generator).item()) for j, i in enumerate(indices)
-    ]
+    usable = torch.isfinite(subset.amax(dim=-1)).tolist()  # a finite maximum makes the softmax finite, summing to 1
+    chosen: dict[int, int | LoraserveError] = {}
+    for j, i in enumerate(indices):
+        if usable[j]:
+            chosen[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].sampler.generator).item())
+        else:
+            chosen[i] = ModelFailure("the scores overflow at this temperature: the probabilities are not finite")
+    return chosen
 
 
 def sample_next(logits: torch.Tensor, rows: Sequence[RowStep]) -> SampledTokens:
@@ -137,18 +169,26 @@ def sample_next(logits: torch.Tensor, rows: Sequence[RowStep]) -> SampledTokens:
     apply_repetition_penalty(scores, rows)
     mask_seconds = mask_constrained(scores, rows)
     suppress_tokens(scores, rows)
+    errors = unsampleable_rows(logits, scores, rows)
     token_ids = scores.argmax(dim=-1).tolist()
-    sampled = [i for i, row in enumerate(rows) if not row.sampler.params.greedy]
+    sampled = [i for i, row in enumerate(rows) if not row.sampler.params.greedy and i not in errors]
     if sampled:
-        for i, token in zip(sampled, _sample_rows(scores, rows, sampled), strict=True):
-            token_ids[i] = token
+        for i, token in _sample_rows(scores, rows, sampled).items():
+            if isinstance(token, int):
+                token_ids[i] = token
+            else:
+                errors[i] = token
+    for i in errors:
+        token_ids[i] = -1
     logprobs: list[float | None] = [None] * len(rows)
     top_tokens: list[list[tuple[int, float]]] = [[] for _ in rows]
     if model_logprobs is not None:
         for i, row in enumerate(rows):
+            if i in errors:
+                continue
             if row.logprobs:
                 logprobs[i] = float(model_logprobs[i, token_ids[i]])
             if row.top_n:
                 values, ids = model_logprobs[i].topk(row.top_n)
                 top_tokens[i] = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return SampledTokens(token_ids=token_ids, logprobs=logprobs, top_tokens=top_tokens, mask_seconds=mask_seconds)
+    return SampledTokens(token_ids, logprobs, top_tokens, mask_seconds, errors)

@@ -14,7 +14,7 @@ from opentelemetry import trace
 from loraserve.errors import InvalidRequest
 from loraserve.server.engine.block_manager import BASE_MODEL_IDENTITY, BlockTable
 from loraserve.server.engine.constraints import RowConstraint
-from loraserve.server.engine.detokenizer import IncrementalDetokenizer
+from loraserve.server.engine.detokenizer import REPLACEMENT_CHARACTER, IncrementalDetokenizer
 from loraserve.server.engine.outputs import GenerationChunk, StopReason, TokenDetail, TopToken
 from loraserve.server.engine.params import GenerationRequest
 from loraserve.server.engine.request_stream import RequestStream
@@ -185,7 +185,11 @@ class Sequence:
         """End the request: send the rest of its text and the stop reason. `eos`: the last token was an
         end-of-sequence token, whose text is not part of the output."""
         if match is None and not eos:
-            self._text += self._detokenizer.flush()
+            tail = self._detokenizer.flush()
+            if self.constraint is not None and not self.constraint.complete:
+                # Cut off inside a character: its U+FFFD would make the text no prefix of the constraint's language.
+                tail = tail.removesuffix(REPLACEMENT_CHARACTER)
+            self._text += tail
         end = match.end if match is not None else len(self._text)
         self.finished = True
         self.stop_reason = reason

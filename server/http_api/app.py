@@ -31,7 +31,7 @@ from loraserve.server.engine.outputs import GenerationChunk, GenerationResult
 from loraserve.server.engine.params import GenerationRequest
 from loraserve.server.http_api import errors, translate
 from loraserve.server.http_api.protocol import ChatCompletionBody, CompletionBody
-from loraserve.server.interceptors import AccessInterceptor
+from loraserve.server.interceptors import Access, AccessInterceptor
 from loraserve.server.status import CORRELATION_ID_HEADER, REQUEST_ID_HEADER
 
 if TYPE_CHECKING:
@@ -54,44 +54,57 @@ ROUTE_NAMES = {
 
 
 class ChunkQueue:
-    """The chunks of several engine requests (the choices of one HTTP request), delivered to the asyncio loop as
-    (choice index, chunk or error) in the order the engine produced them."""
+    """The chunks of several engine requests (the choices of one HTTP request), taken on the asyncio loop as
+    (choice index, chunk). Each request's stream coalesces what the loop has not taken yet, so a client that reads
+    slowly makes nothing pile up but its own output."""
 
     def __init__(self, streams: Sequence[RequestStream]) -> None:
         self.streams = streams
-        self._queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException]] = asyncio.Queue()
+        self._arrived = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for index, stream in enumerate(streams):
-            stream.listen(self._deliverer(loop, index))
 
-    def _deliverer(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[Any], None]:
-        def deliver(item: GenerationChunk | BaseException) -> None:  # on the engine thread
+        def wake() -> None:  # on the engine thread
             try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
+                loop.call_soon_threadsafe(self._arrived.set)
             except RuntimeError:  # the loop has closed: the server is stopping and nobody reads this any more
                 pass
 
-        return deliver
+        for stream in streams:
+            stream.notify(wake)
 
     async def chunks(self) -> AsyncIterator[tuple[int, GenerationChunk]]:
         """Every chunk until each request has finished; an error the engine put is raised."""
-        unfinished = len(self.streams)
+        unfinished = set(range(len(self.streams)))
         while unfinished:
-            index, item = await self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield index, item
-            unfinished -= item.finished
+            self._arrived.clear()  # before taking: whatever arrives from now on sets it again
+            taken = False
+            for index in sorted(unfinished):
+                item = self.streams[index].take_nowait()
+                if item is None:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                taken = True
+                yield index, item
+                if item.finished:
+                    unfinished.discard(index)
+            if not taken:
+                await self._arrived.wait()
 
     def cancel(self) -> None:
         for stream in self.streams:
             stream.cancel()
 
 
+class ClientStalled(Exception):
+    """A streamed response's client stopped taking it."""
+
+
 class Frame:
-    """Around every request: a request id (the x-request-id header, and in the logs), the access and size checks,
-    and the request metrics. Plain ASGI: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the
-    routes, and a non-streaming request could not be cancelled when its client leaves."""
+    """Around every request: a request id (the x-request-id header, and in the logs), the access checks, the body
+    (read here and counted as it arrives, chunked or not, so that no client makes the server hold more than
+    --max-message-bytes) and the request metrics. Plain ASGI: Starlette's BaseHTTPMiddleware would hide a client's
+    disconnect from the routes, and a non-streaming request could not be cancelled when its client leaves."""
 
     def __init__(self, app: ASGIApp, api: HttpApi) -> None:
         self.app = app
@@ -125,7 +138,9 @@ class Frame:
                 path = request.url.path
                 code = getattr(request.state, "status", "OK")
                 seconds = time.monotonic() - started
-                self.api.telemetry.rpc_finished(ROUTE_NAMES.get(path, path), code, seconds, protocol="http")
+                # A client's made-up paths would each be a series of their own: they count as one.
+                route = ROUTE_NAMES.get(path, "unknown")
+                self.api.telemetry.rpc_finished(route, code, seconds, protocol="http")
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -134,16 +149,106 @@ class Frame:
                     headers.append(REQUEST_ID_HEADER, request_id)
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 record()  # before the last byte leaves: a client that has its answer finds it counted
+            elif message["type"] == "http.response.body":  # a stream's part: the client must take it in time
+                await self._send_in_time(request, send, message)
+                return
             await send(message)
 
         try:
-            refusal = self.api.refusal(request)
-            if refusal is not None:
-                await self.api.error_response(request, refusal)(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
+            await self._admit(request, scope, receive, send_with_id)
+        except ClientStalled:  # the HTTP server closes the connection of a response left unfinished
+            pass
         finally:
             record()  # a response that never finished (the client went away) counts too
+
+    async def _send_in_time(self, request: Request, send: Send, message: Message) -> None:
+        """Send a part of a streamed response, or give up on a client that has not taken it within
+        --client-stall-timeout (it stopped reading): its engine requests are cancelled with the connection."""
+        try:
+            await asyncio.wait_for(send(message), self.api.client_stall_timeout)
+        except TimeoutError:
+            logger.warning(
+                "cancelled a stream whose client stopped reading",
+                extra={"protocol": "http", "request_id": request.state.request_id},
+            )
+            request.state.status = grpc.StatusCode.CANCELLED.name
+            getattr(request.state, "cancel_stream", lambda: None)()
+            raise ClientStalled from None
+
+    async def _admit(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse the request, or read its body (counting it) and hand it to the routes."""
+        declared = content_length(request)
+        refusal = self.api.refusal(request) or (declared if isinstance(declared, errors.ApiError) else None)
+        if refusal is not None:
+            # Its body is left unread: close the connection after the answer when it has one, or the HTTP server
+            # would read and drop whatever the client still sends, for as long as it sends it.
+            has_body = declared != 0 and (declared is not None or is_chunked(request))
+            await self.api.error_response(request, refusal, close=has_body)(scope, receive, send)
+            return
+        assert not isinstance(declared, errors.ApiError)
+        body = await read_body(receive, declared, self.api.max_body_bytes, self.api.client_stall_timeout)
+        if body is None:  # the client went away before its body had arrived
+            request.state.status = grpc.StatusCode.CANCELLED.name
+        elif isinstance(body, errors.ApiError):  # reading stopped there: the same as above
+            await self.api.error_response(request, body, close=True)(scope, receive, send)
+        else:
+            await self.app(scope, replay(body, receive), send)
+
+
+def content_length(request: Request) -> int | errors.ApiError | None:
+    """The body's declared length: None without a Content-Length, an error for one that is not a single
+    non-negative decimal number (int() would also take "+5", " 5" or "²")."""
+    values = request.headers.getlist("content-length")
+    if not values:
+        return None
+    if len(values) > 1 or not (values[0].isascii() and values[0].isdigit()):
+        shown = ", ".join(repr(v) for v in values)
+        return errors.bad_content_length(f"the Content-Length header ({shown}) must be one non-negative number")
+    return int(values[0])
+
+
+def is_chunked(request: Request) -> bool:
+    return "transfer-encoding" in request.headers
+
+
+async def read_body(
+    receive: Receive, declared: int | None, limit: int, stall_s: float
+) -> bytes | errors.ApiError | None:
+    """The whole body, counted as it arrives, whether it has a Content-Length or is chunked: an error as soon as it
+    passes `limit` or its declared length (and nothing more is read), when it ends short of that length, or when no
+    part of it arrives for `stall_s` seconds (a slow sender holds a connection and a partial body); None when the
+    client goes away first. The routes would read it whole anyway, to parse it."""
+    if declared is not None and declared > limit:
+        return errors.body_too_large(limit, declared)
+    body = bytearray()
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), stall_s)
+        except TimeoutError:
+            return errors.body_stalled(stall_s)
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if declared is not None and len(body) > declared:
+            return errors.bad_content_length(f"the body is more than its Content-Length of {declared} bytes")
+        if len(body) > limit:
+            return errors.body_too_large(limit)
+        if not message.get("more_body", False):
+            break
+    if declared is not None and len(body) != declared:
+        return errors.bad_content_length(f"the body is {len(body)} bytes, not its Content-Length of {declared}")
+    return bytes(body)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app: the body already read, as one message, then the client's own messages (a
+    disconnect)."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return receive_again
 
 
 class HttpApi:
@@ -157,12 +262,14 @@ class HttpApi:
         access: AccessInterceptor,
         telemetry: Telemetry | None,
         max_body_bytes: int,
+        client_stall_timeout: float,
     ) -> None:
         self.engine = engine
         self.serving = serving
         self.access = access
         self.telemetry = telemetry
         self.max_body_bytes = max_body_bytes
+        self.client_stall_timeout = client_stall_timeout
 
     def build(self) -> FastAPI:
         app = FastAPI(title="loraserve", summary="OpenAI-compatible HTTP API", version="v1")
@@ -181,37 +288,29 @@ class HttpApi:
     # ---- the frame around every request: request id, access, telemetry ----------------------------------------------
 
     def refusal(self, request: Request) -> errors.ApiError | None:
-        """Why a request may not reach its route: no valid token, its client's rate limit, a body over the limit."""
+        """Why a request may not reach its route: no valid token, or its client's rate limit. (Its body is checked
+        as it arrives: see read_body.)"""
         path = request.url.path
         if self.access.active and not path.startswith(OPEN_PATHS):
-            client = request.client
-            peer = f"{client.host}:{client.port}" if client else "unknown"
-            denial = self.access.check(path, {"authorization": request.headers.get("authorization", "")}, peer)
+            peer = request.client.host if request.client else "unknown"  # the bare address, as gRPC's is keyed
+            headers = {"authorization": request.headers.get("authorization", "")}
+            denial = self.access.check(path, headers, peer, Access.READ)  # no admin routes over HTTP
             if denial is not None:
                 return errors.from_status(denial.code, denial.message, denial.retry_after_s)
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            return errors.ApiError(
-                413,
-                f"the body is {length} bytes; at most {self.max_body_bytes} are allowed (the server's "
-                "--max-message-bytes)",
-                "invalid_request_error",
-                code="request_too_large",
-                grpc_code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-            )
         return None
 
     # ---- errors ------------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def error_response(request: Request, error: errors.ApiError) -> JSONResponse:
+    def error_response(request: Request, error: errors.ApiError, close: bool = False) -> JSONResponse:
+        """`close`: end the connection after the answer (the request's body was not read)."""
         request.state.status = error.grpc_code.name
         request_id = request.state.request_id
         logger.info(
             "request refused",
             extra={"protocol": "http", "request_id": request_id, "status": error.status, "reason": error.message},
         )
-        headers = error.headers() | {REQUEST_ID_HEADER: request_id}
+        headers = error.headers() | {REQUEST_ID_HEADER: request_id} | ({"Connection": "close"} if close else {})
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     async def _invalid_body(self, request: Request, error: RequestValidationError) -> JSONResponse:
@@ -310,7 +409,7 @@ class HttpApi:
         queue = ChunkQueue(await self._submit(engine, requests))
         created = int(time.time())
         if body.stream:
-            return self._event_stream(queue, events(queue, body, request_id, created))
+            return self._event_stream(queue, events(queue, body, request_id, created), request)
         results = await self._results(queue, request)
         if results is None:  # the client went away; nobody reads this answer
             request.state.status = grpc.StatusCode.CANCELLED.name
@@ -360,20 +459,47 @@ class HttpApi:
         return [GenerationResult.from_chunks(choice) for choice in chunks]
 
     @staticmethod
-    def _event_stream(queue: ChunkQueue, events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    def _event_stream(queue: ChunkQueue, events: AsyncIterator[dict[str, Any]], request: Request) -> StreamingResponse:
+        request.state.cancel_stream = queue.cancel  # for Frame, when the client stops reading
+
         async def frames() -> AsyncIterator[str]:
             try:
                 async for event in events:
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
                 yield "data: [DONE]\n\n"
-            except LoraserveError as error:  # the headers are sent: the error goes in the stream, then it ends
-                api_error = errors.from_error(error)
-                if api_error is not None:
-                    yield f"data: {json.dumps(api_error.body())}\n\n"
+            except Exception as error:  # the headers are sent: the error goes in the stream, then it ends
+                yield f"data: {json.dumps(HttpApi._stream_error(request, error).body())}\n\n"
+            except BaseException:  # cancelled: the client went away, or the server is stopping; nobody reads on
+                request.state.status = grpc.StatusCode.CANCELLED.name
+                raise
             finally:  # a client that went away, or an error: free the rows at the next step
                 queue.cancel()
 
         return StreamingResponse(frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @staticmethod
+    def _stream_error(request: Request, error: Exception) -> errors.ApiError:
+        """The last event of a stream that failed, in OpenAI's error shape; its status goes to the metrics. An
+        unexpected error gets a generic message with the request id, and its traceback goes to the log only."""
+        request_id = request.state.request_id
+        api_error = errors.from_error(error)
+        if api_error is None:
+            logger.error(
+                "unexpected error mid-stream", exc_info=error, extra={"protocol": "http", "request_id": request_id}
+            )
+            api_error = errors.internal(request_id)
+        else:
+            logger.info(
+                "request failed mid-stream",
+                extra={
+                    "protocol": "http",
+                    "request_id": request_id,
+                    "status": api_error.status,
+                    "reason": api_error.message,
+                },
+            )
+        request.state.status = api_error.grpc_code.name
+        return api_error
 
     @staticmethod
     async def _chat_events(

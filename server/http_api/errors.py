@@ -74,5 +74,28 @@ def from_error(error: BaseException) -> ApiError | None:
     return from_status(code, str(error), retry_after_s=retry, param=param)
 
 
+def _body_error(status: int, message: str, code: str, grpc_code: grpc.StatusCode) -> ApiError:
+    """A refused body: HTTP's own statuses for it (413, 408, 400), with the gRPC code the metrics record."""
+    return ApiError(status, message, "invalid_request_error", code=code, grpc_code=grpc_code)
+
+
+def body_too_large(limit: int, declared: int | None = None) -> ApiError:
+    """A body over --max-message-bytes: by its Content-Length, or counted as it arrived (chunked)."""
+    size = f"is {declared} bytes" if declared is not None else f"passed {limit} bytes"
+    message = f"the body {size}; at most {limit} are allowed (the server's --max-message-bytes)"
+    return _body_error(413, message, "request_too_large", grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def bad_content_length(message: str) -> ApiError:
+    """A Content-Length header that is not one non-negative number, or that the body does not match."""
+    return _body_error(400, message, "invalid_content_length", grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def body_stalled(seconds: float) -> ApiError:
+    """A client that stopped sending its body: it holds a connection and a partial body for nothing."""
+    message = f"no part of the body arrived for {seconds:g} s (the server's --client-stall-timeout); send it whole"
+    return _body_error(408, message, "request_timeout", grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def internal(request_id: str) -> ApiError:
     return ApiError(500, f"internal error (request id {request_id}; the server log has details)", "server_error")

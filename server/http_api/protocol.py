@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from loraserve.server.engine.params import MAX_SEED
+
 MAX_CHOICES = 8  # `n`: completions generated per prompt
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs`, as OpenAI bounds it
 
@@ -61,7 +63,7 @@ class GenerationBody(Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False

@@ -21,9 +21,10 @@ SHUTDOWN_GRACE_S = 2  # open connections get this long once the engine has ended
 
 
 class HttpServer:
-    """uvicorn serving `app` on --http-port. start() returns once it listens; stop() closes it."""
+    """uvicorn serving `app` on --http-port, with at most `max_connections` open. start() returns once it listens;
+    stop() closes it."""
 
-    def __init__(self, app: FastAPI, config: ServerConfig) -> None:
+    def __init__(self, app: FastAPI, config: ServerConfig, max_connections: int) -> None:
         tls = {}
         if config.tls_cert:
             tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
@@ -38,6 +39,9 @@ class HttpServer:
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                # Connections and requests at once, past which uvicorn answers 503: each holds a file descriptor the
+                # whole process shares, and a partial body (a slow sender's, until --client-stall-timeout).
+                limit_concurrency=max_connections,
                 **tls,  # type: ignore[arg-type]
             )
         )

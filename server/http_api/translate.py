@@ -11,6 +11,7 @@ from loraserve.errors import ModelNotFound
 from loraserve.prompting import Message
 from loraserve.server.engine.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail
 from loraserve.server.engine.params import (
+    MAX_SEED,
     ConstraintKind,
     GenerationRequest,
     OutputConstraint,
@@ -60,7 +61,7 @@ def _sampling(body: GenerationBody, index: int) -> SamplingParams:
         temperature=body.temperature if body.temperature is not None else OPENAI_DEFAULT_TEMPERATURE,
         top_k=body.top_k or 0,
         top_p=body.top_p if body.top_p is not None else 1.0,
-        seed=body.seed + index if body.seed is not None else None,
+        seed=(body.seed + index) % (MAX_SEED + 1) if body.seed is not None else None,  # choices wrap round
         repetition_penalty=body.repetition_penalty or 1.0,
     )
 

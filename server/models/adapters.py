@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from loraserve.errors import ConfigError
 
 # Ids are names, never paths: no separators, no "..", so an id can never reach outside an adapter root.
 ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def public_source(source: str) -> str:
+    """A model or adapter source without the server's filesystem in it: s3:// locations and names as they are, a
+    local path by its last component."""
+    if source.startswith("s3://") or "/" not in source:
+        return source
+    return PurePath(source).name
 
 
 def is_valid_adapter_id(adapter_id: str) -> bool:
@@ -21,10 +30,17 @@ def adapter_id_rule() -> str:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """An adapter to load at start: NAME=PATH."""
+    """An adapter to load: its id and where it is (a local folder, or s3://bucket/prefix)."""
 
     id: str
     path: str
+    shown: str = ""  # how responses and error messages name the source: never a server path ("" = derived)
+
+    @property
+    def public_source(self) -> str:
+        """The source as clients may see it: an S3 location as it is, a local folder by the name the request gave
+        (relative to --adapter-root) or, for one given at start, by its own name."""
+        return self.shown or public_source(self.path)
 
     @classmethod
     def parse(cls, spec: str) -> AdapterSpec:

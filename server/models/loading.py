@@ -21,15 +21,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from loraserve.bundled import bundled_path
 from loraserve.config import ModelConfig
-from loraserve.errors import ConfigError
+from loraserve.errors import ConfigError, InvalidRequest
 from loraserve.files import exclusive
 from loraserve.prompting import PromptFormat, load_prompt_format
 from loraserve.server.models import preflight
-from loraserve.server.models.adapters import AdapterSpec
+from loraserve.server.models.adapters import AdapterSpec, public_source
 from loraserve.server.models.lora import LoraAdapter, read_adapter
 from loraserve.server.models.registry import Linear, runner_class
 from loraserve.server.models.types import ModelDescription
-from loraserve.storage import S3Location, StorageError, fetch
+from loraserve.storage import VERSION_RULE, S3Location, StorageError, fetch, is_valid_version
 
 logger = logging.getLogger(__name__)
 
@@ -174,25 +174,20 @@ def read_adapter_from(
 ) -> LoraAdapter:
     """Read and check one LoRA adapter (a local folder or s3://) against the model; it is applied by the runner,
     not merged into the weights. Errors start with `where` (default: the --adapter flag)."""
+    if version and not is_valid_version(version):  # it would name a folder of the cache
+        raise InvalidRequest(f"{version[:200]!r} is not a version: use {VERSION_RULE}", "version")
     features = runner_class(model).projection_features(model)
     where = where or f"--adapter {spec.id}={spec.path}"
-    s3_version = ""
+    s3_version, local = "", spec
     if spec.path.startswith("s3://"):
         folder, s3_version = fetch_s3(S3Location.parse(spec.path), cache_dir, version, where)
-        spec = AdapterSpec(spec.id, str(folder))
-    adapter = read_adapter(spec, features, model.config.num_hidden_layers, where)
-    if s3_version:
-        adapter = replace(adapter, info=replace(adapter.info, version=s3_version))
+        local = AdapterSpec(spec.id, str(folder))
+    adapter = read_adapter(local, features, model.config.num_hidden_layers, where)
     logger.info(
         "read adapter",
-        extra={
-            "adapter_id": adapter.info.id,
-            "path": adapter.info.source,
-            "rank": adapter.info.rank,
-            "version": s3_version,
-        },
+        extra={"adapter_id": adapter.info.id, "path": local.path, "rank": adapter.info.rank, "version": s3_version},
     )
-    return adapter
+    return replace(adapter, info=replace(adapter.info, source=spec.public_source, version=s3_version))
 
 
 def _max_sequence_length(model: PreTrainedModel, configured: int) -> int:
@@ -246,7 +241,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     description = ModelDescription(
         name=name,
-        source=config.model,
+        source=public_source(config.model),
         architecture=(model.config.architectures or [type(model).__name__])[0],
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),

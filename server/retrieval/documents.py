@@ -23,11 +23,21 @@ class Document:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
-def check_documents(documents: Sequence[Document], max_documents: int, max_chars: int, field: str) -> None:
+def check_documents(
+    documents: Sequence[Document], max_documents: int, max_chars: int, field: str, max_total_chars: int = 0
+) -> None:
     """INVALID_ARGUMENT naming the first document that breaks a rule: too many, an empty or repeated id, an empty
-    or too long text."""
+    or too long text; or all the texts together longer than max_total_chars (0: no bound beyond each text's), which
+    bounds the embedding work one request brings."""
     if len(documents) > max_documents:
         raise InvalidRequest(f"at most {max_documents} documents are allowed, got {len(documents)}", field)
+    total = sum(len(d.text) for d in documents)
+    if max_total_chars and total > max_total_chars:
+        raise InvalidRequest(
+            f"have {total} characters of text together; at most {max_total_chars} are allowed in one request (the "
+            "server's --max-request-document-chars): send fewer or shorter documents",
+            field,
+        )
     seen: set[str] = set()
     for i, document in enumerate(documents):
         where = f"{field}[{i}]"

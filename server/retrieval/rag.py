@@ -12,6 +12,7 @@ from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message
 from loraserve.server.engine.outputs import GenerationResult
 from loraserve.server.engine.params import GenerationRequest, OutputConstraint, SamplingParams, StoppingParams
+from loraserve.server.engine.preparation import PromptTooLong
 from loraserve.server.engine.request_stream import RequestStream
 from loraserve.server.retrieval.documents import Document
 from loraserve.server.retrieval.retriever import Retriever
@@ -89,11 +90,15 @@ def answer(
     retriever: Retriever,
     submit: Callable[[GenerationRequest], RequestStream],
     on_stream: Callable[[RequestStream], None] = lambda stream: None,
+    abandoned: Callable[[], bool] = lambda: False,
 ) -> RagAnswer:
     """Retrieve, then generate the answer through `submit` (the engine's); on_stream sees the stream to cancel it.
-    Under an output constraint the answer is generated even when no passage is relevant (the canned reply would not
-    satisfy it), and its text is returned as generated: no citation markers are added to it."""
-    hits = retriever.search(query.query, query.documents, query.collection, query.top_k, query.min_similarity)
+    The embedding work ends at the query's deadline or once abandoned() says its caller has gone. Under an output
+    constraint the answer is generated even when no passage is relevant (the canned reply would not satisfy it), and
+    its text is returned as generated: no citation markers are added to it."""
+    hits = retriever.search(
+        query.query, query.documents, query.collection, query.top_k, query.min_similarity, query.deadline, abandoned
+    )
     if not hits and query.constraint is None:
         return RagAnswer(request_id=query.request_id, text=NO_RELEVANT_DOCUMENTS, sources=(), result=None)
     request = GenerationRequest(
@@ -105,12 +110,18 @@ def answer(
         request_id=query.request_id,
         deadline=query.deadline,
     )
-    stream = submit(request)
+    try:
+        stream = submit(request)
+    except PromptTooLong:
+        raise InvalidRequest(  # the caller sent no messages: say what it can change
+            f"the question and its {len(hits)} passages do not fit the model's context; lower top_k",
+            "top_k",
+        ) from None
     on_stream(stream)
     result = stream.result()
     if query.constraint is not None:
         sources = tuple(Source(hit, rank, False) for rank, hit in enumerate(hits, start=1))
         return RagAnswer(request_id=query.request_id, text=result.text, sources=sources, result=result)
-    cited = retriever.cite(result.text, hits)
+    cited = retriever.cite(result.text, hits, query.deadline, abandoned)
     sources = tuple(Source(hit, rank, rank in cited.cited) for rank, hit in enumerate(hits, start=1))
     return RagAnswer(request_id=query.request_id, text=cited.text, sources=sources, result=result)

@@ -3,7 +3,7 @@ servicers call it; it never sees gRPC."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +34,12 @@ class Retriever:
         collection: str,
         top_k: int,
         min_similarity: float | None,
+        deadline: float | None = None,
+        abandoned: Callable[[], bool] = lambda: False,
     ) -> list[Hit]:
-        """The passages for a question, from inline documents, a stored collection, or both."""
-        embedder = self.embedder.get()
+        """The passages for a question, from inline documents, a stored collection, or both; the embedding work
+        ends at the request's deadline, or when its caller has gone."""
+        embedder = self.embedder.get().for_request(deadline, abandoned)
         sources: list[Collection] = []
         if collection:
             check_collection_name(collection)
@@ -60,13 +63,26 @@ class Retriever:
             if inline is not None:
                 inline.close()
 
-    def cite(self, answer: str, hits: Sequence[Hit]) -> CitedAnswer:
+    def cite(
+        self,
+        answer: str,
+        hits: Sequence[Hit],
+        deadline: float | None = None,
+        abandoned: Callable[[], bool] = lambda: False,
+    ) -> CitedAnswer:
         vectors = np.stack([h.vector for h in hits]) if hits else np.zeros((0, 0), dtype=np.float32)
-        return cite(answer, [h.passage.text for h in hits], vectors, self.embedder.get().embed)
+        embedder = self.embedder.get().for_request(deadline, abandoned)
+        return cite(answer, [h.passage.text for h in hits], vectors, embedder.embed)
 
-    def upsert(self, name: str, documents: Sequence[Document]) -> tuple[UpsertOutcome, CollectionInfo]:
+    def upsert(
+        self,
+        name: str,
+        documents: Sequence[Document],
+        deadline: float | None = None,
+        abandoned: Callable[[], bool] = lambda: False,
+    ) -> tuple[UpsertOutcome, CollectionInfo]:
         check_collection_name(name)
-        embedder = self.embedder.get()
+        embedder = self.embedder.get().for_request(deadline, abandoned)
         outcome, collection = self.store.upsert(
             name,
             documents,

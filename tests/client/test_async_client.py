@@ -8,13 +8,14 @@ import grpc
 import pytest
 
 from loraserve.client import AsyncClient, LoraserveRpcError, StopReason
+from tests.conftest import HANG_GUARD_S
 
 
 def test_async_client_matches_the_sync_client(tiny_server) -> None:
     expected = tiny_server.client.generate("Hello", max_new_tokens=8, min_new_tokens=8)
 
     async def main() -> None:
-        async with AsyncClient(tiny_server.target, timeout=30) as client:
+        async with AsyncClient(tiny_server.target, timeout=HANG_GUARD_S) as client:
             assert await client.health() == "SERVING"
             result = await client.generate("Hello", max_new_tokens=8, min_new_tokens=8)
             assert result.text == expected.text and result.stop_reason is StopReason.MAX_TOKENS

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -14,18 +16,22 @@ from loraserve.client import Client, LoraserveRpcError, StopReason
 from loraserve.server.retrieval.rag import NO_RELEVANT_DOCUMENTS
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
+from tests.conftest import HANG_GUARD_S, EngineGate, wait_for
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def wait_until_idle(client: Client, timeout: float = 10.0) -> dict[str, float]:
-    """Poll ModelInfo until no request is active or queued (bounded)."""
-    end = time.monotonic() + timeout
-    while True:
+def wait_until_idle(client: Client) -> dict[str, float]:
+    """ModelInfo's stats once no request is active or queued: polled until then, bounded only by the hang guard."""
+    stats: dict[str, float] = {}
+
+    def idle() -> bool:
+        nonlocal stats
         stats = client.model_info().stats
-        if (stats["active_requests"] == 0 and stats["queued_requests"] == 0) or time.monotonic() > end:
-            return stats
-        time.sleep(0.02)
+        return stats["active_requests"] == 0 and stats["queued_requests"] == 0
+
+    wait_for(idle, "the server to have no request active or queued")
+    return stats
 
 
 def test_generate_and_stream_agree_exactly(tiny_server) -> None:
@@ -57,7 +63,7 @@ def test_request_id_is_sent_as_metadata_and_in_the_response(tiny_server) -> None
     with grpc.insecure_channel(tiny_server.target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         request = pb.GenerateRequest(prompt="Hello", stopping=pb.StoppingCriteria(max_new_tokens=2))
-        response, call = stub.Generate.with_call(request, timeout=30)
+        response, call = stub.Generate.with_call(request, timeout=HANG_GUARD_S)
     metadata = dict(call.initial_metadata())
     assert len(response.request_id) == 32 and metadata["x-request-id"] == response.request_id
 
@@ -203,24 +209,26 @@ def test_deadline_exceeded_frees_the_request(start_server, monkeypatch) -> None:
     assert wait_until_idle(running.client)["active_requests"] == 0
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_a_request_the_engine_drops_at_its_deadline_ends_deadline_exceeded(
-    start_server, monkeypatch, streaming
-) -> None:
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream", "RagQuery"])
+def test_a_request_the_engine_drops_at_its_deadline_ends_deadline_exceeded(start_server, monkeypatch, rpc) -> None:
     """The engine drops a request when its own clock passes the deadline, which can come before gRPC's timer fires on
-    the client. Made deterministic here: the server sees a 0.3 s deadline, the client waits up to 30 s. The client must
-    get DEADLINE_EXCEEDED, never a partial result with status OK."""
+    the client. Made deterministic here: the server sees a 0.3 s deadline, the client's own is only a hang guard. The
+    client must get DEADLINE_EXCEEDED, never a partial result with status OK."""
     from loraserve.server import servicer
 
     monkeypatch.setattr(servicer, "deadline_of", lambda context: time.monotonic() + 0.3)
     running = start_server()
     slow_down(running, monkeypatch, seconds_per_step=0.05)
+    long = {"max_new_tokens": 200, "min_new_tokens": 200, "timeout": HANG_GUARD_S}
     with pytest.raises(LoraserveRpcError) as raised:
-        if streaming:
-            for _ in running.client.stream("Once", max_new_tokens=200, min_new_tokens=200, timeout=30):
+        if rpc == "GenerateStream":
+            for _ in running.client.stream("Once", **long):
                 pass
+        elif rpc == "Generate":
+            running.client.generate("Once", **long)
         else:
-            running.client.generate("Once", max_new_tokens=200, min_new_tokens=200, timeout=30)
+            documents = [{"id": "sky", "text": "The sky is blue because air scatters blue light most."}]
+            running.client.rag_query("Why is the sky blue?", documents, min_similarity=-1, **long)
     assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "deadline passed" in str(raised.value)
     assert wait_until_idle(running.client)["active_requests"] == 0
@@ -229,27 +237,31 @@ def test_a_request_the_engine_drops_at_its_deadline_ends_deadline_exceeded(
 def test_client_cancellation_frees_the_request(start_server, monkeypatch, caplog) -> None:
     caplog.set_level(logging.INFO, logger="loraserve")
     running = start_server()
-    slow_down(running, monkeypatch)
-    stream = running.client.stream("Tell me a long story", max_new_tokens=200, min_new_tokens=200)
-    request_id = next(stream).request_id
-    stream.close()  # leaving early cancels the call on the server
-    assert wait_until_idle(running.client)["active_requests"] == 0
+    with EngineGate(running.server.engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1, until_cancelled=True)  # it cannot finish before the cancel, however slow the machine
+        stream = running.client.stream("Tell me a long story", max_new_tokens=200, min_new_tokens=200)
+        request_id = next(stream).request_id
+        stream.close()  # leaving early cancels the call on the server
+        assert wait_until_idle(running.client)["active_requests"] == 0
     finished = [r for r in caplog.records if r.getMessage() == "request finished" and r.request_id == request_id]
     assert finished[0].stop_reason == "cancelled" and finished[0].generated_tokens < 200
 
 
-def test_full_queue_is_resource_exhausted_and_admitted_requests_finish(start_server) -> None:
+def test_full_queue_is_resource_exhausted_and_admitted_requests_finish(start_server, monkeypatch) -> None:
     running = start_server(max_batch_size=1, max_queued_requests=0)
-    stream = running.client.stream("Once", max_new_tokens=30, min_new_tokens=30)
-    first = next(stream)
-    with pytest.raises(LoraserveRpcError) as error:
-        running.client.generate("Another", max_new_tokens=2)
-    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in error.value.details
-    rest = list(stream)
+    with EngineGate(running.server.engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1)  # the admitted request is still running when the next one comes
+        stream = running.client.stream("Once", max_new_tokens=30, min_new_tokens=30)
+        first = next(stream)
+        with pytest.raises(LoraserveRpcError) as error:
+            running.client.generate("Another", max_new_tokens=2)
+        assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in error.value.details
+        gate.release()
+        rest = list(stream)
     assert rest[-1].generated_token_count == 30 and first.generated_token_count == 1
 
 
-def test_health_follows_loading_and_draining(start_server) -> None:
+def test_health_follows_loading_and_draining(start_server, monkeypatch) -> None:
     running = start_server(load=False)
     client = running.client
     assert client.health() == "NOT_SERVING"
@@ -262,15 +274,18 @@ def test_health_follows_loading_and_draining(start_server) -> None:
     assert error.value.code == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details
     running.server.load()
     assert client.health() == "SERVING" and client.health("loraserve.v1.InferenceService") == "SERVING"
-    stream = client.stream("Once", max_new_tokens=20, min_new_tokens=20)
-    next(stream)
-    running.server.drain()
-    assert client.health() == "NOT_SERVING"
-    with pytest.raises(LoraserveRpcError) as error:
-        client.generate("hi")
-    assert error.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.value.details
-    assert list(stream)[-1].generated_token_count == 20, "in-flight requests finish while draining"
-    assert running.server.wait_idle(5)
+    with EngineGate(running.server.engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1)  # the stream is still in flight when the drain starts
+        stream = client.stream("Once", max_new_tokens=20, min_new_tokens=20)
+        next(stream)
+        running.server.drain()
+        assert client.health() == "NOT_SERVING"
+        with pytest.raises(LoraserveRpcError) as error:
+            client.generate("hi")
+        assert error.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.value.details
+        gate.release()
+        assert list(stream)[-1].generated_token_count == 20, "in-flight requests finish while draining"
+    assert running.server.wait_idle(HANG_GUARD_S), f"hang guard: still busy after {HANG_GUARD_S:.0f} s"
 
 
 def test_unexpected_errors_are_internal_with_the_request_id(start_server, monkeypatch) -> None:
@@ -289,14 +304,32 @@ def test_unexpected_errors_are_internal_with_the_request_id(start_server, monkey
 
 
 def test_a_dead_engine_turns_health_not_serving(start_server, monkeypatch) -> None:
-    running = start_server()
+    """Steps that keep failing (here from the first: --max-consecutive-failed-steps 1) are the model's fault: the
+    engine stops, health says so before the client hears UNAVAILABLE."""
+    running = start_server(max_consecutive_failed_steps=1)
     engine = running.server.engine
 
-    def broken_admit():
-        raise SystemError("scheduler bug")
+    def broken_step(work):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: device-side assert triggered")
 
-    monkeypatch.setattr(engine, "_admit", broken_admit)
+    monkeypatch.setattr(engine._runner, "step", broken_step)
     with pytest.raises(LoraserveRpcError) as error:
         running.client.generate("hi", max_new_tokens=50, min_new_tokens=50)
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
     assert running.client.health() == "NOT_SERVING"
+
+
+def test_adapter_calls_without_a_client_deadline_wait_for_the_engine(
+    start_server, tiny_model_config, adapter_dirs, tmp_path
+) -> None:
+    """grpcurl and plain stubs send no deadline: grpc then reports ~9e18 s remaining, which must mean "none", not
+    an overflow (INTERNAL) after the adapter was loaded anyway."""
+    root = tmp_path / "adapters"
+    shutil.copytree(adapter_dirs["beta"], root / "beta")
+    running = start_server(model_config=replace(tiny_model_config, adapter_root=str(root)), kv_cache_memory="64MB")
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.AdapterServiceStub(channel)
+        loaded = stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id="gamma", source="beta"))  # no timeout
+        assert loaded.adapter.id == "gamma"
+        assert stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="gamma")).adapter_id == "gamma"
+    assert running.server._serving

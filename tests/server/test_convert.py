@@ -112,7 +112,9 @@ def test_tokenize_request_needs_exactly_one_input() -> None:
 
 
 def test_server_limits_mirror_the_engine_config() -> None:
-    limits = convert.server_limits(EngineConfig(max_batch_size=3, max_top_n=4), RagConfig(max_upsert_documents=5))
+    limits = convert.server_limits(
+        EngineConfig(max_batch_size=3, max_top_n=4), RagConfig(max_upsert_documents=5), max_input_chars=6
+    )
     assert limits.max_batch_size == 3 and limits.max_top_n == 4
     assert limits.max_upsert_documents == 5 and limits.max_rag_documents == RagConfig().max_rag_documents
 
@@ -141,7 +143,7 @@ def test_model_info_response_carries_description_adapters_limits_and_stats() -> 
         preemptions=3,
     )
     info = convert.model_info_response(
-        description, adapters, EngineConfig(), RagConfig(), stats, "chat-template", "1.2.3", "all-MiniLM-L6-v2"
+        description, adapters, EngineConfig(), RagConfig(), stats, "chat-template", "1.2.3", "all-MiniLM-L6-v2", 9000
     )
     assert (info.model_name, info.max_sequence_length, info.vocab_size) == ("m", 8192, 49152)
     assert info.adapters[0].id == "alpha" and list(info.adapters[0].target_modules) == ["q_proj", "v_proj"]
@@ -150,6 +152,7 @@ def test_model_info_response_carries_description_adapters_limits_and_stats() -> 
     assert (info.stats.kv_cache_blocks, info.stats.kv_cache_block_size, info.stats.kv_cache_used_blocks) == (64, 16, 16)
     assert info.stats.kv_cache_cached_blocks == 5 and info.stats.prefix_caching and info.stats.preemptions == 3
     assert info.stats.prefix_cache_hit_tokens == 100 and info.stats.prefix_cache_hit_rate == 0.25
-    assert info.limits.max_new_tokens == EngineConfig().max_new_tokens
+    assert info.limits.max_new_tokens == EngineConfig().max_new_tokens and info.limits.max_input_chars == 9000
+    assert info.limits.max_request_document_chars == RagConfig().max_request_document_chars
     assert info.server_version == "1.2.3" and info.prompt_format == "chat-template"
     assert info.embedding_model == "all-MiniLM-L6-v2"

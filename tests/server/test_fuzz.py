@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from loraserve.config import EngineConfig
 from loraserve.v1 import inference_pb2 as pb
+from tests.conftest import HANG_GUARD_S
 
 # `make test` runs the same 1,000 cases per RPC every time (derandomized: a suite must not fail by chance), in about
 # 80 s for all 13 RPCs; LORASERVE_FUZZ_EXAMPLES=N hunts with N fresh random cases per RPC.
@@ -145,8 +146,8 @@ def invoke(channel: grpc.Channel, service: str, method: str, streaming: bool) ->
     identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
     if streaming:
         stream = channel.unary_stream(path, **identity)
-        return lambda data: list(stream(data, timeout=30))
-    return lambda data: channel.unary_unary(path, **identity)(data, timeout=30)
+        return lambda data: list(stream(data, timeout=HANG_GUARD_S))
+    return lambda data: channel.unary_unary(path, **identity)(data, timeout=HANG_GUARD_S)
 
 
 def status_of(call: Callable[[bytes], Any], data: bytes) -> grpc.StatusCode:

@@ -1,16 +1,24 @@
 """The OpenAI-compatible HTTP API on the tiny model: the real `openai` SDK (chat, completions, streaming, adapters by
 `model`, structured output, logprobs, errors as the SDK's exceptions), raw HTTP for SSE framing and error bodies,
-bearer tokens, a client that goes away mid-stream, draining, and gRPC and HTTP requests sharing one batch."""
+bearer tokens, a client that goes away mid-stream, draining, gRPC and HTTP requests sharing one batch, chunked bodies
+counted as they arrive, and a stream that fails mid-way."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import time
+import logging
+import socket
+import threading
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
+
+from loraserve.errors import Unavailable
+from tests.conftest import HANG_GUARD_S, EngineGate, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -200,63 +208,58 @@ def test_sse_frames_and_error_bodies_on_the_wire(base_url, served) -> None:
     assert httpx.get(f"{base_url}/ready").status_code == 200
 
 
-def record_batches(running, monkeypatch, seconds_per_step: float) -> list[int]:
-    """Slow every model step down and record how many rows each one ran."""
-    runner = running.server.engine._runner
-    step = runner.step
-    sizes: list[int] = []
-
-    def recorded(work):
-        sizes.append(len(work))
-        time.sleep(seconds_per_step)
-        return step(work)
-
-    monkeypatch.setattr(runner, "step", recorded)
-    return sizes
-
-
 def test_grpc_and_http_requests_share_one_batch(tiny_http_server, monkeypatch) -> None:
     running = tiny_http_server
-    sizes = record_batches(running, monkeypatch, 0.02)
-    served = running.server.engine.loaded.description.name
+    engine = running.server.engine
+    served = engine.loaded.description.name
     sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{running.server.http_port}/v1", api_key="x", max_retries=0)
-    grpc_stream = running.client.stream("Hello", max_new_tokens=30, min_new_tokens=30)
-    next(grpc_stream)  # the gRPC request is decoding
-    response = sdk.completions.create(model=served, prompt="Hello", max_tokens=5, extra_body={"min_tokens": 5})
-    rest = list(grpc_stream)
+    with EngineGate(engine, monkeypatch) as gate:
+        start = engine.stats()
+
+        def waiting_for_http() -> bool:  # the gRPC request has a token, the HTTP one has not come yet
+            stats = engine.stats()
+            came = stats.active_requests + stats.queued_requests + stats.completed_requests - start.completed_requests
+            return stats.generated_tokens > start.generated_tokens and came < 2
+
+        gate.hold_when(waiting_for_http)  # so the two meet in the batch, however slow the machine
+        grpc_stream = running.client.stream("Hello", max_new_tokens=30, min_new_tokens=30)
+        next(grpc_stream)  # the gRPC request is decoding
+        response = sdk.completions.create(model=served, prompt="Hello", max_tokens=5, extra_body={"min_tokens": 5})
+        rest = list(grpc_stream)
     assert response.usage.completion_tokens == 5 and rest[-1].finished
-    assert max(sizes) == 2  # at least one step ran both
+    assert max(gate.batches) == 2  # at least one step ran both
 
 
 def test_a_client_that_goes_away_mid_stream_frees_its_row(tiny_http_server, monkeypatch) -> None:
     running = tiny_http_server
-    record_batches(running, monkeypatch, 0.02)
-    before = running.server.engine.stats().generated_tokens
-    served = running.server.engine.loaded.description.name
+    engine = running.server.engine
+    before = engine.stats().generated_tokens
+    served = engine.loaded.description.name
     body = {"model": served, "prompt": "Hi", "max_tokens": 60, "min_tokens": 60, "stream": True}
-    with httpx.stream("POST", f"http://127.0.0.1:{running.server.http_port}/v1/completions", json=body) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")
-    end = time.monotonic() + 10
-    while running.server.engine.stats().active_requests and time.monotonic() < end:
-        time.sleep(0.05)
-    stats = running.server.engine.stats()
+    with EngineGate(engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1, until_cancelled=True)  # it cannot reach max_tokens before its client's leaving does
+        with httpx.stream("POST", f"http://127.0.0.1:{running.server.http_port}/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+        wait_for(lambda: engine.stats().active_requests == 0, "the request to leave the batch")
+    stats = engine.stats()
     assert stats.active_requests == 0 and stats.kv_cache_used_blocks == 0
     assert stats.generated_tokens - before < 60  # it ended early, not at max_tokens
 
 
 def test_a_full_queue_is_a_rate_limit_error_with_retry_after(start_server, free_port, monkeypatch) -> None:
     running = start_server(server_options={"http_port": free_port()}, max_batch_size=1, max_queued_requests=0)
-    record_batches(running, monkeypatch, 0.05)
     served = running.server.engine.loaded.description.name
     sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{running.server.http_port}/v1", api_key="x", max_retries=0)
-    busy = running.client.stream("Hello", max_new_tokens=40, min_new_tokens=40)
-    next(busy)  # admitted: the batch of one is full and nothing may wait
-    with pytest.raises(openai.RateLimitError) as raised:
-        sdk.completions.create(model=served, prompt="Hi", max_tokens=2)
-    assert raised.value.response.headers["retry-after"] == "1"
-    assert "capacity" in raised.value.message
-    busy.close()
+    with EngineGate(running.server.engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1)  # the busy request still runs when the next one comes
+        busy = running.client.stream("Hello", max_new_tokens=40, min_new_tokens=40)
+        next(busy)  # admitted: the batch of one is full and nothing may wait
+        with pytest.raises(openai.RateLimitError) as raised:
+            sdk.completions.create(model=served, prompt="Hi", max_tokens=2)
+        assert raised.value.response.headers["retry-after"] == "1"
+        assert "capacity" in raised.value.message
+        busy.close()
 
 
 def test_bearer_tokens_guard_the_api_but_not_health(start_server, free_port, monkeypatch) -> None:
@@ -305,16 +308,16 @@ def test_models_follow_adapters_loaded_and_unloaded_at_runtime(
 
 def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(tiny_http_server, monkeypatch) -> None:
     running = tiny_http_server
-    record_batches(running, monkeypatch, 0.05)
-    before = running.server.engine.stats().generated_tokens
-    served = running.server.engine.loaded.description.name
+    engine = running.server.engine
+    before = engine.stats().generated_tokens
+    served = engine.loaded.description.name
     body = {"model": served, "prompt": "Hi", "max_tokens": 60, "min_tokens": 60}
-    with pytest.raises(httpx.ReadTimeout):  # 60 steps take 3 s or more; the client leaves after 0.5 s
-        httpx.post(f"http://127.0.0.1:{running.server.http_port}/v1/completions", json=body, timeout=0.5)
-    end = time.monotonic() + 10
-    while running.server.engine.stats().active_requests and time.monotonic() < end:
-        time.sleep(0.05)
-    stats = running.server.engine.stats()
+    with EngineGate(engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1, until_cancelled=True)  # no answer can come before the client leaves
+        with pytest.raises(httpx.ReadTimeout):  # the client leaves after 0.5 s
+            httpx.post(f"http://127.0.0.1:{running.server.http_port}/v1/completions", json=body, timeout=0.5)
+        wait_for(lambda: engine.stats().active_requests == 0, "the request to leave the batch")
+    stats = engine.stats()
     assert stats.active_requests == 0 and stats.kv_cache_used_blocks == 0
     assert stats.generated_tokens - before < 60
 
@@ -326,3 +329,119 @@ def test_a_body_over_the_message_limit_is_refused(start_server, free_port) -> No
     refused = httpx.post(url, json={"model": served, "prompt": "x" * 5000})
     assert refused.status_code == 413 and "at most 4096" in refused.json()["error"]["message"]
     assert httpx.post(url, json={"model": served, "prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def post_chunked(port: int, chunks: Iterator[bytes], timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    """POST /v1/completions with a chunked body over a raw socket: one thread writes `chunks` (until the server stops
+    taking them), this one reads the answer. The status, headers and body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        connection.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+
+        def write() -> None:
+            try:
+                for chunk in chunks:
+                    connection.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b"0\r\n\r\n")
+            except OSError:  # the server closed the connection: it has stopped reading, as it should
+                pass
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        received = b""
+        try:
+            while data := connection.recv(65536):
+                received += data
+        except ConnectionResetError:  # the server closed with our bytes unread; what it sent first is kept
+            pass
+        with contextlib.suppress(OSError):  # unblocks the writer, if the server still takes bytes
+            connection.shutdown(socket.SHUT_RDWR)
+    writer.join(timeout)
+    head_bytes, _, body = received.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def megabytes(count: int, end: bool) -> Iterator[bytes]:
+    """`count` MiB of a body that is not JSON (reading it whole would end in a 400), then its end if `end`."""
+    for _ in range(count):
+        yield b"x" * (1 << 20)
+    if end:
+        yield b""
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [lambda: megabytes(64, end=True), lambda: megabytes(256, end=False)],
+    ids=["64-MiB", "never-ending"],  # the second has no end: the test's client gives up after 256 MiB
+)
+def test_a_chunked_body_is_counted_as_it_arrives(tiny_http_server, chunks) -> None:
+    status, headers, body = post_chunked(tiny_http_server.server.http_port, chunks())
+    assert status == 413, body
+    error = json.loads(body[: int(headers["content-length"])])["error"]
+    assert error["code"] == "request_too_large" and "at most 16777216 are allowed" in error["message"]
+    assert headers["connection"] == "close"
+
+
+def failing_streams(monkeypatch, error: BaseException) -> None:
+    """Every engine request's stream delivers its first chunk, then `error`, then nothing."""
+    from loraserve.server.engine.request_stream import RequestStream
+
+    put = RequestStream.put
+    delivered: dict[int, int] = {}
+
+    def put_then_fail(self, item) -> None:  # type: ignore[no-untyped-def]
+        count = delivered[id(self)] = delivered.get(id(self), 0) + 1
+        if count == 1:
+            put(self, item)
+        elif count == 2:
+            put(self, error)
+
+    monkeypatch.setattr(RequestStream, "put", put_then_fail)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind"),
+    [
+        (RuntimeError("a secret detail"), "INTERNAL", "server_error"),
+        (Unavailable("the engine stopped before this request finished"), "UNAVAILABLE", "service_unavailable_error"),
+    ],
+    ids=["internal", "domain"],
+)
+def test_a_stream_that_fails_midway_ends_with_one_error_event(
+    tiny_http_server, served, base_url, monkeypatch, caplog, error, status, kind
+) -> None:
+    failing_streams(monkeypatch, error)
+    finished: list[tuple[str, str]] = []
+    telemetry = tiny_http_server.server.telemetry
+    rpc_finished = telemetry.rpc_finished
+    monkeypatch.setattr(
+        telemetry,
+        "rpc_finished",
+        lambda rpc, code, *a, **k: (finished.append((rpc, code)), rpc_finished(rpc, code, *a, **k)),
+    )
+    body = {"model": served, "prompt": "Hi", "max_tokens": 8, "min_tokens": 8, "stream": True}
+    with caplog.at_level(logging.INFO, logger="loraserve.server.http_api.app"):
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
+            text = response.read().decode()  # a stream cut short would raise here
+            request_id = response.headers["x-request-id"]
+    frames = text.split("\n\n")
+    assert frames[-1] == "" and all(frame.startswith("data: ") for frame in frames[:-1])
+    events = [json.loads(frame.removeprefix("data: ")) for frame in frames[:-1]]  # no [DONE]: it failed
+    assert "choices" in events[0] and all("error" not in event for event in events[:-1])
+    last = events[-1]["error"]
+    assert set(last) == {"message", "type", "param", "code"} and last["type"] == kind
+    assert finished == [("Completions", status)]
+    if status == "INTERNAL":
+        assert request_id in last["message"] and "secret" not in last["message"]
+        logged = [r for r in caplog.records if r.exc_info and getattr(r, "request_id", None) == request_id]
+        assert len(logged) == 1 and logged[0].exc_info[1] is error  # the traceback is in the log only
+    else:
+        assert last["message"] == str(error)
+
+
+def test_the_largest_seed_with_several_choices_wraps_round_and_a_larger_one_names_seed(served, base_url) -> None:
+    body = {"model": served, "prompt": "The sky", "n": 2, "max_tokens": 2, "seed": 2**64 - 1, "temperature": 1.0}
+    assert httpx.post(f"{base_url}/v1/completions", json=body, timeout=HANG_GUARD_S).status_code == 200
+    refused = httpx.post(f"{base_url}/v1/completions", json=body | {"seed": 2**64}, timeout=HANG_GUARD_S)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "seed"

@@ -3,11 +3,12 @@ eviction, unloading under traffic, and the S3 failure modes; plus the Ready RPC 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,16 +17,19 @@ import pytest
 
 from loraserve.client import LoraserveRpcError
 from loraserve.config import ModelConfig
+from loraserve.errors import InvalidRequest, PermissionDenied
+from loraserve.server.adapter_sources import resolve_source
 from loraserve.storage import S3Location, push, s3_client, write_manifest
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
+from tests.conftest import HANG_GUARD_S, EngineGate, wait_for
 
 
 def admin(target: str) -> pb_grpc.AdapterServiceStub:
     return pb_grpc.AdapterServiceStub(grpc.insecure_channel(target))
 
 
-def call(method, request, timeout: float = 60):  # type: ignore[no-untyped-def]
+def call(method, request, timeout: float = HANG_GUARD_S):  # type: ignore[no-untyped-def]
     try:
         return method(request, timeout=timeout)
     except grpc.RpcError as error:
@@ -96,56 +100,52 @@ def test_the_least_recently_used_idle_adapter_makes_room(root_server, adapter_di
     assert tokens(root_server.client, "a2") == tokens(root_server.client, "alpha")
 
 
-def slow_steps(running, monkeypatch, seconds: float = 0.02) -> None:  # type: ignore[no-untyped-def]
-    runner = running.server.engine._runner
-    step = runner.step
-
-    def slow(work):  # type: ignore[no-untyped-def]
-        time.sleep(seconds)
-        return step(work)
-
-    monkeypatch.setattr(runner, "step", slow)
-
-
 def test_when_every_resident_adapter_is_busy_a_load_is_refused(root_server, adapter_dirs, monkeypatch) -> None:
     stub = admin(root_server.target)
     call(stub.LoadAdapter, pb.LoadAdapterRequest(adapter_id="b2", source=adapter_dirs["beta"].name))
-    slow_steps(root_server, monkeypatch)
-    streams = [
-        root_server.client.stream("Hi", adapter_id=a, max_new_tokens=60, min_new_tokens=60) for a in ("alpha", "b2")
-    ]
-    for stream in streams:
-        next(stream)
-    with pytest.raises(LoraserveRpcError) as error:
-        call(stub.LoadAdapter, pb.LoadAdapterRequest(adapter_id="c", source=adapter_dirs["alpha"].name))
-    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in use" in error.value.details
-    assert all(list(stream)[-1].generated_token_count == 60 for stream in streams)
+    engine = root_server.server.engine
+    with ThreadPoolExecutor(2) as readers, EngineGate(engine, monkeypatch) as gate:
+        # The engine steps only when an adapter change waits for it (it applies changes between steps): the two
+        # requests stay in use until the test lets them finish, however slow the machine.
+        gate.hold_when(lambda: not engine.adapters.has_pending())
+        streams = [
+            readers.submit(list, root_server.client.stream("Hi", adapter_id=a, max_new_tokens=60, min_new_tokens=60))
+            for a in ("alpha", "b2")
+        ]
+
+        def both_in_use() -> bool:
+            return [a.active_requests for a in root_server.client.model_info().adapters] == [1, 1]
+
+        wait_for(both_in_use, "both requests to start")
+        with pytest.raises(LoraserveRpcError) as error:
+            call(stub.LoadAdapter, pb.LoadAdapterRequest(adapter_id="c", source=adapter_dirs["alpha"].name))
+        assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in use" in error.value.details
+        gate.release()
+        assert all(stream.result(HANG_GUARD_S)[-1].generated_token_count == 60 for stream in streams)
 
 
 def test_unloading_waits_for_running_requests_and_refuses_new_ones(root_server, monkeypatch) -> None:
-    slow_steps(root_server, monkeypatch)
-    stream = root_server.client.stream("Hi", adapter_id="alpha", max_new_tokens=40, min_new_tokens=40)
-    next(stream)
-    done: list[object] = []
-    unloading = threading.Thread(
-        target=lambda: done.append(
-            call(admin(root_server.target).UnloadAdapter, pb.UnloadAdapterRequest(adapter_id="alpha"))
-        )
-    )
-    unloading.start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # new requests are refused as soon as the unload starts
-        try:
+    with EngineGate(root_server.server.engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1)  # the running request cannot finish before the test lets it
+        stream = root_server.client.stream("Hi", adapter_id="alpha", max_new_tokens=40, min_new_tokens=40)
+        next(stream)
+        done: list[object] = []
+        request = pb.UnloadAdapterRequest(adapter_id="alpha")
+        unloading = threading.Thread(target=lambda: done.append(call(admin(root_server.target).UnloadAdapter, request)))
+        unloading.start()
+
+        def unload_started() -> bool:  # alpha leaves the list then; from then on new requests are refused
+            return "alpha" not in [a.id for a in root_server.client.model_info().adapters]
+
+        wait_for(unload_started, "the unload to start")
+        with pytest.raises(LoraserveRpcError) as error:
             tokens(root_server.client, "alpha")
-        except LoraserveRpcError as error:
-            assert error.code == grpc.StatusCode.NOT_FOUND and "'alpha'" in error.details
-            break
-        time.sleep(0.01)
-    else:
-        raise AssertionError("new requests were still accepted")
-    assert not done, "the unload must wait for the running request"
-    assert list(stream)[-1].generated_token_count == 40  # the running request finished undisturbed
-    unloading.join(timeout=30)
+        assert error.value.code == grpc.StatusCode.NOT_FOUND and "'alpha'" in error.value.details
+        assert not done, "the unload must wait for the running request"
+        gate.release()
+        assert list(stream)[-1].generated_token_count == 40  # the running request finished undisturbed
+    unloading.join(HANG_GUARD_S)
+    assert not unloading.is_alive(), f"hang guard: the unload had not returned after {HANG_GUARD_S:.0f} s"
     assert done and done[0].adapter_id == "alpha"
     assert root_server.client.model_info().adapters == ()
 
@@ -154,13 +154,13 @@ def test_ready_follows_loading_and_draining(start_server) -> None:
     running = start_server(load=False)
     stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(running.target))
     with pytest.raises(grpc.RpcError) as error:
-        stub.Ready(pb.ReadyRequest(), timeout=10)
+        stub.Ready(pb.ReadyRequest(), timeout=HANG_GUARD_S)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     running.server.load()
-    assert stub.Ready(pb.ReadyRequest(), timeout=10) == pb.ReadyResponse()
+    assert stub.Ready(pb.ReadyRequest(), timeout=HANG_GUARD_S) == pb.ReadyResponse()
     running.server.drain()
     with pytest.raises(grpc.RpcError) as error:
-        stub.Ready(pb.ReadyRequest(), timeout=10)
+        stub.Ready(pb.ReadyRequest(), timeout=HANG_GUARD_S)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -247,3 +247,65 @@ def test_the_model_itself_can_come_from_s3(start_server, tiny_model_dir, bucket,
     info = running.client.model_info()
     assert info.model_name == "tiny@2026-11-27" and info.model_source == f"s3://{bucket}/models/tiny"
     assert tokens(running.client, "") == tokens(tiny_server.client, "")
+
+
+@pytest.mark.parametrize(
+    ("source", "entries", "error"),
+    [
+        ("s3://bkt/allowed/../other", ("bkt/allowed",), InvalidRequest),  # S3 or a proxy may normalise the ..
+        ("s3://bkt/allowed/./x", ("bkt/allowed",), InvalidRequest),
+        ("s3://bkt/allowedXYZ/x", ("bkt/allowed",), PermissionDenied),
+        ("s3://bkt/other", ("bkt/allowed",), PermissionDenied),
+        ("s3://bkt2/allowed/x", ("bkt/allowed",), PermissionDenied),
+        ("s3://bk/t/allowed", ("bkt/allowed",), PermissionDenied),
+        ("s3://bkt/allowed/x", ("bkt/../bkt/allowed",), PermissionDenied),  # an entry that names no safe prefix
+        ("s3://bkt/allowed", ("bkt/allowed/",), None),
+        ("s3://bkt/allowed/team/x", ("other", "bkt/allowed"), None),
+        ("s3://bkt/anything/at/all", ("bkt",), None),
+    ],
+)
+def test_s3_sources_are_matched_segment_by_segment(source: str, entries: tuple[str, ...], error: type | None) -> None:
+    if error is None:
+        assert resolve_source("x", source, "", entries).path == source
+        return
+    with pytest.raises(error, match="source"):
+        resolve_source("x", source, "", entries)
+
+
+def test_a_crafted_version_is_refused_before_it_becomes_a_path(
+    start_server, tiny_model_config, bucket, s3_adapter, adapter_dirs, tmp_path
+) -> None:
+    planted = tmp_path / "planted"  # an adapter folder with a manifest, outside the cache: not S3's to serve
+    shutil.copytree(adapter_dirs["alpha"], planted)
+    write_manifest(planted, "adapter")
+    config = replace(tiny_model_config, adapter_buckets=(bucket,), model_cache=str(tmp_path / "cache"))
+    running = start_server(model_config=config)
+    stub = admin(running.target)
+    call(stub.LoadAdapter, pb.LoadAdapterRequest(adapter_id="beta2", source=s3_adapter, version="v1"))
+    for version in ("../../../../../planted", "..", "v1/../v1", ".v1.lock", "v" * 129):
+        with pytest.raises(LoraserveRpcError) as error:
+            call(stub.LoadAdapter, pb.LoadAdapterRequest(adapter_id="x", source=s3_adapter, version=version))
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and error.value.details.startswith("version: ")
+    assert {a.id for a in running.client.model_info().adapters} == {"alpha", "beta", "beta2"}
+
+
+def test_adapter_config_patterns_are_checked_as_the_adapter_is_read(
+    start_server, tiny_model_config, adapter_dirs, tmp_path
+) -> None:
+    cases = {
+        "not-a-regex": {"alpha_pattern": {"(": 8}},
+        "not-a-number": {"alpha_pattern": {"q_proj": "big"}},
+        "backtracking": {"alpha_pattern": {"(a+)+$": 8}},
+        "bad-rank": {"rank_pattern": {"q_proj": "four"}},
+    }
+    for name, changes in cases.items():
+        folder = tmp_path / "root" / name
+        shutil.copytree(adapter_dirs["alpha"], folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps(config | changes))
+    running = start_server(model_config=replace(tiny_model_config, adapter=(), adapter_root=str(tmp_path / "root")))
+    for name, changes in cases.items():
+        with pytest.raises(LoraserveRpcError) as error:
+            call(admin(running.target).LoadAdapter, pb.LoadAdapterRequest(adapter_id=name, source=name))
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and next(iter(changes)) in error.value.details
+    assert running.client.model_info().adapters == () and running.client.health() == "SERVING"

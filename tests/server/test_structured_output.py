@@ -15,6 +15,7 @@ from loraserve.client import AsyncClient, LoraserveRpcError, StopReason
 from loraserve.client.types import build_constraint
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
+from tests.conftest import HANG_GUARD_S
 
 PERSON = {
     "type": "object",
@@ -36,6 +37,12 @@ PERSON = {
         (dict(choice=[]), "constraint.choice.values: must list at least one"),
         (dict(choice=["a", ""]), "constraint.choice.values[1]: must not be empty"),
         (dict(regex="x" * 70_000), "at most 65536 are allowed"),
+        # Caught before queueing: no token can start them (they would fail at the first step otherwise).
+        (dict(regex=r"[^\s\S]"), "constraint.regex: cannot be satisfied: no text can"),
+        (dict(grammar="start: /[^\\s\\S]/"), "constraint.grammar: cannot be satisfied"),
+        (dict(json_schema={"$ref": "#"}), "constraint.json_schema"),
+        # llguidance would offer the special token <|im_end|> for its text, then refuse it (llguidance#366).
+        (dict(regex=r"<\|im_end\|>"), "spells the special token <|im_end|>"),
     ],
 )
 @pytest.mark.parametrize("rpc", ["generate", "stream"])
@@ -63,7 +70,7 @@ def test_an_empty_or_false_constraint_message_is_invalid_argument(tiny_server, c
     with grpc.insecure_channel(tiny_server.target) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as error:
-            stub.Generate(pb.GenerateRequest(prompt="hi", constraint=constraint), timeout=30)
+            stub.Generate(pb.GenerateRequest(prompt="hi", constraint=constraint), timeout=HANG_GUARD_S)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in error.value.details()
 
@@ -121,7 +128,7 @@ def test_the_async_client_takes_the_same_constraints(tiny_server) -> None:
     expected = tiny_server.client.generate("Pick:", choice=["red", "green", "blue"])
 
     async def main() -> None:
-        async with AsyncClient(tiny_server.target, timeout=30) as client:
+        async with AsyncClient(tiny_server.target, timeout=HANG_GUARD_S) as client:
             result = await client.generate("Pick:", choice=["red", "green", "blue"])
             assert result.text == expected.text and result.stop_reason is StopReason.CONSTRAINT_COMPLETE
             chunks = [c async for c in client.stream("Pick:", json_schema=json.dumps(PERSON), max_new_tokens=40)]
@@ -143,3 +150,20 @@ def test_the_client_builds_each_kind_of_constraint_and_refuses_two() -> None:
         build_constraint({"regex": "a", "choice": ["a"]})
     with pytest.raises(TypeError, match="sequence of strings"):
         build_constraint({"choice": "ab"})
+
+
+def test_a_special_tokens_text_later_in_a_constraint_ends_it_with_a_clear_error(tiny_server) -> None:
+    with pytest.raises(LoraserveRpcError) as raised:
+        tiny_server.client.generate("Say it", regex=r"a<\|im_end\|>", max_new_tokens=8)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "constraint: cannot be followed further: the text it needs next spells the special token" in str(
+        raised.value
+    )
+    assert tiny_server.client.health() == "SERVING"
+
+
+@pytest.mark.parametrize("choices", [["\U0001f642"], ["\u65e5\u672c"]])
+def test_a_constrained_text_cut_off_inside_a_character_stays_a_prefix_of_the_language(tiny_server, choices) -> None:
+    result = tiny_server.client.generate("Hello", choice=choices, max_new_tokens=1)
+    assert result.stop_reason == StopReason.MAX_TOKENS
+    assert "\ufffd" not in result.text and any(c.startswith(result.text) for c in choices)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from loraserve.config import ModelConfig
@@ -76,26 +77,68 @@ def test_the_same_config_and_data_give_the_same_adapter(train_config: TrainConfi
     assert not same_weights(first, other_seed)
 
 
+def last_checkpoint(output: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """The run's last checkpoint (older ones are removed): its state.json, adapter weights and optimizer.pt (the
+    optimizer's state and every random number generator's)."""
+    [folder] = (output / "checkpoints").glob("step-*")
+    state = json.loads((folder / "state.json").read_text())
+    return state, load_file(folder / "adapter.safetensors"), torch.load(folder / "optimizer.pt", weights_only=True)
+
+
+def assert_same(left: object, right: object, where: str = "") -> None:
+    """Exact equality of nested dicts, lists and tensors."""
+    if isinstance(left, torch.Tensor):
+        assert isinstance(right, torch.Tensor) and left.dtype == right.dtype and left.equal(right), where
+    elif isinstance(left, dict):
+        assert isinstance(right, dict) and left.keys() == right.keys(), where
+        for key in left:
+            assert_same(left[key], right[key], f"{where}/{key}")
+    elif isinstance(left, list | tuple):
+        assert isinstance(right, list | tuple) and len(left) == len(right), where
+        for i, (a, b) in enumerate(zip(left, right, strict=True)):
+            assert_same(a, b, f"{where}[{i}]")
+    else:
+        assert left == right, f"{where}: {left!r} != {right!r}"
+
+
 def test_resume_continues_exactly(train_config: TrainConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = replace(train_config, eval_steps=2, early_stopping_patience=0)
+    """A run interrupted after step 3 and resumed from its step-2 checkpoint ends exactly where the same run without
+    the interruption ends: the last weights, the optimizer's moments and step, the scheduler, the random number
+    generators, the loss history. With this learning rate the best adapter is step 2's, taken before the crash, so the
+    finished adapter alone would not tell an exact resume from a wrong one: the last checkpoint does."""
+    config = replace(train_config, eval_steps=2, early_stopping_patience=0, learning_rate=0.1)
     uninterrupted = run(replace(config, output=str(tmp_path / "whole")))
     interrupted = replace(config, output=str(tmp_path / "resumed"))
     real_step = training.Trainer.optimizer_step
+    started: list[int] = []  # the step count before each optimizer step the resumed run takes
 
     def crash_after_three(self, group):  # type: ignore[no-untyped-def]
         if self.state.step == 3:
             raise KeyboardInterrupt("simulated crash")
         return real_step(self, group)
 
+    def count(self, group):  # type: ignore[no-untyped-def]
+        started.append(self.state.step)
+        return real_step(self, group)
+
     monkeypatch.setattr(training.Trainer, "optimizer_step", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted)
-    monkeypatch.setattr(training.Trainer, "optimizer_step", real_step)
     checkpoints = sorted((tmp_path / "resumed" / "checkpoints").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-000002"]
+    monkeypatch.setattr(training.Trainer, "optimizer_step", count)
     resumed = run(replace(interrupted, resume=True))
-    assert same_weights(uninterrupted, resumed)
-    with pytest.raises(ConfigError, match=r"learning_rate: 0\.005 -> 0\.001"):
+    assert started == [2, 3, 4, 5, 6, 7]  # it continued from step 2 (redoing the lost step 3), not from scratch
+
+    whole_state, whole_weights, whole_optimizer = last_checkpoint(tmp_path / "whole")
+    resumed_state, resumed_weights, resumed_optimizer = last_checkpoint(tmp_path / "resumed")
+    assert whole_state["state"]["step"] == 8 and whole_state["state"]["best_step"] == 2  # the best predates the crash
+    assert_same(resumed_weights, whole_weights, "adapter")
+    assert_same(resumed_optimizer, whole_optimizer, "optimizer.pt")
+    for part in ("state", "scheduler"):  # steps, epoch, loss history, evaluations; the learning rate's schedule
+        assert_same(resumed_state[part], whole_state[part], part)
+    assert same_weights(uninterrupted, resumed)  # and the finished (best) adapter
+    with pytest.raises(ConfigError, match=r"learning_rate: 0\.1 -> 0\.001"):
         run(replace(interrupted, resume=True, learning_rate=1e-3))
 
 

@@ -24,6 +24,7 @@ from loraserve.server.engine.params import (
     StoppingParams,
 )
 from loraserve.server.engine.sampling import RowSampler, RowStep, sample_next
+from tests.conftest import HANG_GUARD_S
 
 EOS = 2
 
@@ -290,7 +291,7 @@ def test_a_slow_compile_never_stalls_the_batch(make_engine, monkeypatch) -> None
     waited: list[bool] = []
 
     def slow_compile(constraint: OutputConstraint):  # type: ignore[no-untyped-def]
-        waited.append(free_finished.wait(30))
+        waited.append(free_finished.wait(HANG_GUARD_S))
         return original(constraint)
 
     monkeypatch.setattr(engine.constraints, "_compile", slow_compile)
@@ -302,6 +303,7 @@ def test_a_slow_compile_never_stalls_the_batch(make_engine, monkeypatch) -> None
     submitter.start()
     assert free.result().generated_token_count == 20
     free_finished.set()
-    submitter.join(60)
+    submitter.join(HANG_GUARD_S)
+    assert not submitter.is_alive(), f"hang guard: no result after {HANG_GUARD_S:.0f} s"
     assert waited == [True]
     assert results[0].text in ("x", "y")

@@ -4,16 +4,22 @@ cancellation, queue overflow, draining, and failures."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import threading
 import time
 
 import pytest
+import torch
 
 from loraserve.config import EngineConfig
-from loraserve.errors import AdapterNotFound, InvalidRequest, QueueFull, Unavailable
+from loraserve.errors import AdapterNotFound, InvalidRequest, ModelFailure, QueueFull, Unavailable
+from loraserve.prompting import Message
 from loraserve.server.engine.engine import Engine, EngineState
-from loraserve.server.engine.outputs import StopReason
+from loraserve.server.engine.outputs import GenerationChunk, StopReason
 from loraserve.server.engine.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
+from loraserve.server.models.adapters import AdapterSpec
+from tests.conftest import HANG_GUARD_S, EngineGate
 
 PROMPTS = [
     "The quick brown fox",
@@ -32,15 +38,17 @@ def with_ids(**kwargs: object) -> GenerationRequest:
     return GenerationRequest(output=OutputOptions(token_ids=True), **kwargs)
 
 
-def test_mixed_batch_greedy_equals_generate(make_engine, reference, tiny_loaded) -> None:
+def test_mixed_batch_greedy_equals_generate(make_engine, reference, tiny_loaded, monkeypatch) -> None:
     """Prompts of different lengths and lengths of output, joining at different steps, each equal to generate."""
     engine = make_engine(max_batch_size=4)  # 5 prompts: one has to wait and join when a slot frees
     lengths = [12, 5, 9, 16, 7]
     streams = []
-    for i, (prompt, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
-        streams.append(engine.submit(with_ids(prompt=prompt, stopping=exact(n))))
-        if i == 1:
-            time.sleep(0.05)  # let the first two start decoding, so the rest join a running batch
+    with EngineGate(engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1)  # the first two start decoding, so the rest join a running batch
+        for i, (prompt, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
+            streams.append(engine.submit(with_ids(prompt=prompt, stopping=exact(n))))
+            if i == 1:
+                gate.wait_held("the first token")
     for prompt, n, stream in zip(PROMPTS, lengths, streams, strict=True):
         result = stream.result()
         prompt_ids = engine.tokenization.encode(prompt)
@@ -61,10 +69,16 @@ def test_adapters_and_base_share_a_batch_and_match_generate(make_engine, referen
     assert len({tuple(outputs[(a, PROMPTS[0])]) for a in ("", "alpha", "beta")}) == 3
 
 
-def test_stream_chunks_add_up_to_the_result(make_engine) -> None:
+def test_stream_chunks_add_up_to_the_result(make_engine, monkeypatch) -> None:
     engine = make_engine()
     request = GenerationRequest(prompt=PROMPTS[1], stopping=exact(24))
-    chunks = list(engine.submit(request))
+    chunks: list[GenerationChunk] = []
+    with EngineGate(engine, monkeypatch) as gate:
+        # A step waits for the reader to take the last step's token: however slow the reader, no two tokens are
+        # coalesced into one chunk.
+        gate.hold_when(lambda: engine.stats().generated_tokens > len(chunks))
+        for chunk in engine.submit(request):
+            chunks.append(chunk)
     assert [c.finished for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert [c.generated_token_count for c in chunks] == list(range(1, 25))
     assert "".join(c.text for c in chunks) == engine.submit(request).result().text
@@ -194,30 +208,30 @@ def test_requests_beyond_the_limits_are_refused(make_engine, request_, error, fi
     assert engine.stats().queued_requests == 0
 
 
-def test_cancel_leaves_the_batch_within_a_step(make_engine) -> None:
+def test_cancel_leaves_the_batch_within_a_step(make_engine, monkeypatch) -> None:
+    """Counted in steps, not seconds: cancelled during a step, a request gets at most that step's token."""
     engine = make_engine()
-    step = engine._runner.step
+    seen: list[GenerationChunk] = []
 
-    def slow_step(work):
-        time.sleep(0.02)  # slow enough for the test to read every chunk as it comes
-        return step(work)
+    def three_tokens_out() -> bool:  # before each step, on the engine thread: what the stream has sent so far
+        while (chunk := stream.take_nowait()) is not None:
+            seen.append(chunk)
+        return bool(seen) and seen[-1].generated_token_count >= 3
 
-    engine._runner.step = slow_step
-    other = engine.submit(GenerationRequest(prompt=PROMPTS[1], stopping=exact(40)))
-    stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(200)))
-    chunks = iter(stream)
-    seen = next(chunks)
-    while seen.generated_token_count < 3:
-        seen = next(chunks)
-    assert engine.stats().active_requests == 2
-    stream.cancel()
-    rest = list(chunks)
-    # At most the step already running when cancel() came adds a token (plus one chunk not read yet).
-    assert rest[-1].stop_reason is StopReason.CANCELLED and rest[-1].generated_token_count <= 3 + 2
+    with EngineGate(engine, monkeypatch) as gate:
+        gate.hold_when(lambda: True)  # nothing runs until both requests are in
+        other = engine.submit(GenerationRequest(prompt=PROMPTS[1], stopping=exact(40)))
+        stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(200)))
+        gate.hold_when(three_tokens_out)  # then the engine stops in the step after the stream's third token
+        gate.wait_held("the stream's third token")
+        assert seen[-1].generated_token_count == 3 and engine.stats().active_requests == 2
+        stream.cancel()
+        gate.release()
+        rest = list(stream)
+    # The step already running when cancel() came may add a token; no step after it does.
+    assert rest[-1].stop_reason is StopReason.CANCELLED and rest[-1].generated_token_count <= 3 + 1
     assert other.result().generated_token_count == 40, "the other request is unharmed"
-    deadline = time.monotonic() + 5
-    while engine.stats().active_requests and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert engine.wait_idle(HANG_GUARD_S), f"hang guard: still busy after {HANG_GUARD_S:.0f} s"
     assert engine.stats().active_requests == 0
 
 
@@ -227,39 +241,76 @@ def test_expired_deadline_ends_the_request(make_engine) -> None:
     assert result.stop_reason is StopReason.CANCELLED and result.generated_token_count == 0
 
 
-def test_full_queue_refuses_while_admitted_requests_finish(make_engine) -> None:
+def test_full_queue_refuses_while_admitted_requests_finish(make_engine, monkeypatch) -> None:
     engine = make_engine(max_batch_size=1, max_queued_requests=1)
-    running = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(30)))
-    next(iter(running))  # admitted and decoding
-    waiting = engine.submit(GenerationRequest(prompt=PROMPTS[1], stopping=exact(5)))
-    with pytest.raises(QueueFull, match="retry later"):
-        engine.submit(GenerationRequest(prompt=PROMPTS[2]))
-    assert engine.stats().queued_requests == 1
+    with EngineGate(engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1)  # the admitted request still decodes while the others come
+        running = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(30)))
+        next(iter(running))  # admitted and decoding
+        waiting = engine.submit(GenerationRequest(prompt=PROMPTS[1], stopping=exact(5)))
+        with pytest.raises(QueueFull, match="retry later"):
+            engine.submit(GenerationRequest(prompt=PROMPTS[2]))
+        assert engine.stats().queued_requests == 1
     assert running.result().generated_token_count == 30, "the admitted request is unharmed"
     assert waiting.result().generated_token_count == 5
 
 
-def test_drain_refuses_new_requests_and_finishes_old_ones(make_engine) -> None:
+def test_drain_refuses_new_requests_and_finishes_old_ones(make_engine, monkeypatch) -> None:
     engine = make_engine()
-    stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(20)))
-    engine.drain()
-    with pytest.raises(Unavailable, match="shutting down"):
-        engine.submit(GenerationRequest(prompt="x"))
+    with EngineGate(engine, monkeypatch) as gate:
+        gate.hold_when(lambda: True)  # the request is still in flight when the drain starts
+        stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(20)))
+        engine.drain()
+        with pytest.raises(Unavailable, match="shutting down"):
+            engine.submit(GenerationRequest(prompt="x"))
     assert stream.result().generated_token_count == 20
-    assert engine.wait_idle(5)
+    assert engine.wait_idle(HANG_GUARD_S), f"hang guard: still busy after {HANG_GUARD_S:.0f} s"
     assert engine.state is EngineState.DRAINING
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, monkeypatch) -> None:
-    engine = make_engine()
+    engine = make_engine(max_consecutive_failed_steps=2)
     runner = engine._runner
     real_step = runner.step
     monkeypatch.setattr(runner, "step", lambda work: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="the model failed while running this request"):
+    with pytest.raises(ModelFailure, match="the model failed while running this request"):
+        engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result()
+    monkeypatch.setattr(runner, "step", real_step)
+    assert engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result().generated_token_count == 5
+    # A success in between resets the count: one more failure is still not the model's fault.
+    monkeypatch.setattr(runner, "step", lambda work: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(ModelFailure):
         engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result()
     monkeypatch.setattr(runner, "step", real_step)
     assert engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result().generated_token_count == 5
     assert engine.alive
+
+
+def test_steps_that_keep_failing_end_the_engine_after_the_configured_count(tiny_loaded, monkeypatch) -> None:
+    """A sticky fault of the model (a CUDA error that every step hits) turns health off after N failed steps."""
+    failures: list[BaseException] = []
+    died = threading.Event()
+    config = EngineConfig(kv_cache_memory="64MB", max_consecutive_failed_steps=3)
+    engine = Engine(tiny_loaded, config, on_failure=lambda error: (failures.append(error), died.set()))
+    engine.start()
+    calls: list[int] = []
+
+    def sticky_fault(work: object) -> None:
+        calls.append(1)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine._runner, "step", sticky_fault)
+    for _ in range(2):
+        with pytest.raises(ModelFailure):
+            engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result()
+    assert engine.alive and not failures
+    with pytest.raises(Unavailable, match="engine stopped"):  # the third: health is off before the client hears
+        engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result()
+    assert died.is_set()
+    with pytest.raises(Unavailable):
+        engine.submit(GenerationRequest(prompt="x"))
+    assert len(calls) == 3 and not engine.alive and "illegal memory access" in str(failures[0])
+    engine.stop()
 
 
 def test_a_dead_engine_fails_everything_and_says_so(tiny_loaded, monkeypatch) -> None:
@@ -270,7 +321,7 @@ def test_a_dead_engine_fails_everything_and_says_so(tiny_loaded, monkeypatch) ->
 
     def broken_admit() -> None:
         entered.set()
-        raise SystemError("scheduler bug")
+        raise SystemExit("the interpreter is exiting")
 
     monkeypatch.setattr(engine, "_admit", broken_admit)
     with engine._cond:
@@ -278,7 +329,7 @@ def test_a_dead_engine_fails_everything_and_says_so(tiny_loaded, monkeypatch) ->
     stream = engine.submit(GenerationRequest(prompt="x", stopping=exact(5)))
     with pytest.raises(Unavailable, match="engine stopped"):
         stream.result()
-    assert entered.is_set() and not engine.alive and isinstance(failures[0], SystemError)
+    assert entered.is_set() and not engine.alive and isinstance(failures[0], SystemExit)
     with pytest.raises(Unavailable):
         engine.submit(GenerationRequest(prompt="x"))
     engine.stop()
@@ -306,7 +357,7 @@ def test_tokenize_counts_like_generate(make_engine) -> None:
     assert count == result.input_token_count == len(details)
 
 
-def test_long_prompts_are_prefilled_in_chunks(make_engine, reference) -> None:
+def test_long_prompts_are_prefilled_in_chunks(make_engine, reference, monkeypatch) -> None:
     """Prompts longer than max_prefill_tokens join in pieces while another request decodes; outputs stay exact."""
     engine = make_engine(max_prefill_tokens=16)
     long_prompt = " ".join(f"word{i}" for i in range(60))
@@ -318,9 +369,11 @@ def test_long_prompts_are_prefilled_in_chunks(make_engine, reference) -> None:
         return step(work)
 
     engine._runner.step = counting_step
-    decoding = engine.submit(with_ids(prompt=PROMPTS[0], stopping=exact(30)))
-    next(iter(decoding))
-    chunked = engine.submit(with_ids(prompt=long_prompt, stopping=exact(8)))
+    with EngineGate(engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1)  # the long prompt comes while the other request decodes (one token taken)
+        decoding = engine.submit(with_ids(prompt=PROMPTS[0], stopping=exact(30)))
+        next(iter(decoding))
+        chunked = engine.submit(with_ids(prompt=long_prompt, stopping=exact(8)))
     ids = engine.tokenization.encode(long_prompt)
     assert [t.id for t in chunked.result().tokens] == reference(ids, 8)
     assert [t.id for t in decoding.result().tokens] == reference(engine.tokenization.encode(PROMPTS[0]), 30)[1:]
@@ -350,3 +403,135 @@ def test_fixed_shape_decode_steps_match_generate(make_engine, reference) -> None
     for i, ((adapter, prompt), stream) in enumerate(zip(cases, streams, strict=True)):
         assert [t.id for t in stream.result().tokens] == reference(engine.tokenization.encode(prompt), 10 + i, adapter)
     assert sum(used) > 5, "most decode steps went through the fixed-shape path"
+
+
+def test_nan_scores_in_one_row_fail_that_request_and_the_batch_goes_on(make_engine, monkeypatch) -> None:
+    """A row whose logits are NaN (an adapter gone wrong, a float16 overflow) fails its own request only."""
+    engine = make_engine()
+    real_step = engine._runner.step
+
+    def poisoned_step(work: list) -> torch.Tensor:
+        logits = real_step(work).clone()
+        poison = engine._by_id.get("poison")
+        wanting = [w for w in work if w.wants_logits]
+        for i, row_work in enumerate(wanting):
+            if poison is not None and list(row_work.blocks) == list(poison.table.blocks):
+                logits[i] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine._runner, "step", poisoned_step)
+    healthy = [engine.submit(GenerationRequest(prompt=p, stopping=exact(12))) for p in PROMPTS[:2]]
+    poisoned = engine.submit(GenerationRequest(prompt=PROMPTS[2], stopping=exact(12), request_id="poison"))
+    with pytest.raises(ModelFailure, match="NaN or infinite"):
+        poisoned.result()
+    assert [s.result().generated_token_count for s in healthy] == [12, 12]
+    assert engine.alive and engine.wait_idle(HANG_GUARD_S) and engine.stats().kv_cache_used_blocks == 0
+
+
+def test_a_load_whose_banks_cannot_be_built_fails_alone_and_the_resident_adapters_serve_on(
+    make_engine, adapter_dirs, tmp_path, monkeypatch
+) -> None:
+    """Building the LoRA banks runs on the engine thread: an error there (out of device memory, say) is the load's
+    status, never the engine's end."""
+    import loraserve.server.engine.engine as engine_module
+
+    engine = make_engine()
+    real_banks = engine_module.LoraBanks
+
+    def banks(adapters, *args):  # type: ignore[no-untyped-def]
+        if any(a.info.id == "huge" for a in adapters):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_banks(adapters, *args)
+
+    monkeypatch.setattr(engine_module, "LoraBanks", banks)
+    before = engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter_id="alpha", stopping=exact(6))).result()
+    with pytest.raises(QueueFull, match="does not fit in the device's memory"):
+        engine.load_adapter(AdapterSpec("huge", str(adapter_dirs["beta"])), tmp_path, None, None)
+    assert engine.alive and "huge" not in [a.id for a in engine.adapters.infos()]
+    after = engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter_id="alpha", stopping=exact(6))).result()
+    assert after.text == before.text
+    outcome = engine.load_adapter(AdapterSpec("gamma", str(adapter_dirs["beta"])), tmp_path, None, None)
+    assert outcome.info.id == "gamma"
+    assert engine.submit(GenerationRequest(prompt="x", adapter_id="gamma", stopping=exact(3))).result().text
+
+
+def test_an_adapter_in_a_prompt_format_the_tokenizer_cannot_render_is_refused_at_load(
+    make_engine, adapter_dirs, tmp_path, monkeypatch
+) -> None:
+    engine = make_engine()
+    folder = tmp_path / "templated"
+    shutil.copytree(adapter_dirs["alpha"], folder)
+    (folder / "loraserve.json").write_text(json.dumps({"prompt_format": "chat-template"}))
+    monkeypatch.setattr(engine.loaded.tokenizer, "chat_template", None)
+    with pytest.raises(InvalidRequest, match="chat template"):
+        engine.load_adapter(AdapterSpec("templated", str(folder)), tmp_path, None, None)
+    assert engine.alive
+    assert engine.submit(GenerationRequest(prompt="x", adapter_id="alpha", stopping=exact(3))).result().text
+
+
+def test_rag_prompts_and_refused_conversations_on_a_template_without_a_system_role(make_engine, monkeypatch) -> None:
+    """RagQuery always sends a system message; Mistral-Instruct v0.1's template raises on one. The system text is
+    folded into the user turn, and a conversation the template refuses is INVALID_ARGUMENT, not INTERNAL."""
+    from loraserve.prompting import ChatTemplateFormat, Message
+    from loraserve.server.retrieval.rag import answer_messages
+    from tests.test_prompting import MISTRAL_V01
+
+    engine = make_engine()
+    monkeypatch.setattr(engine.loaded.tokenizer, "chat_template", MISTRAL_V01)
+    monkeypatch.setattr(engine.tokenization, "prompt_format", ChatTemplateFormat(engine.loaded.tokenizer))
+    rag = GenerationRequest(messages=answer_messages("Why is the sky blue?", []), stopping=exact(3))
+    assert engine.submit(rag).result().generated_token_count == 3
+    with pytest.raises(InvalidRequest, match="must alternate"):
+        engine.submit(GenerationRequest(messages=(Message("user", "a"), Message("user", "b"))))
+    assert engine.alive
+
+
+def test_inputs_over_the_size_limit_are_refused_before_anything_tokenizes_them(make_engine, monkeypatch) -> None:
+    engine = make_engine(max_input_chars=5000)
+    tokenizer = engine.tokenization.tokenizer
+
+    def never(*args: object, **kwargs: object) -> list[int]:
+        raise AssertionError("tokenized an input over the limit")
+
+    monkeypatch.setattr(tokenizer, "encode", never)
+    huge = "x" * 12_000_000
+    with pytest.raises(InvalidRequest, match=r"prompt: is 12000000 characters; at most 5000"):
+        engine.submit(GenerationRequest(prompt=huge))
+    with pytest.raises(InvalidRequest, match=r"messages: is 5001 characters"):
+        engine.submit(GenerationRequest(messages=(Message("system", "y" * 2500), Message("user", "z" * 2501))))
+    with pytest.raises(InvalidRequest, match=r"text: is 12000000 characters"):
+        engine.tokenize(huge)
+    # Many small messages: their contents fit, what the chat template makes of them does not.
+    chatty = tuple(Message("user" if i % 2 == 0 else "assistant", "a") for i in range(200))
+    with pytest.raises(InvalidRequest, match=r"messages: is \d+ characters once rendered with the prompt format"):
+        engine.submit(GenerationRequest(messages=chatty))
+    # More messages than the context has tokens (256 here) never fit: refused before they are even rendered.
+    endless = tuple(Message("user" if i % 2 == 0 else "assistant", "a") for i in range(300))
+    with pytest.raises(InvalidRequest, match=r"messages: has 300 messages; at most 256"):
+        engine.submit(GenerationRequest(messages=endless))
+    assert engine.alive
+
+
+def test_the_default_input_limit_follows_the_context(make_engine) -> None:
+    engine = make_engine()
+    assert engine.max_input_chars == 32 * engine.max_sequence_length
+
+
+def test_streams_decode_while_a_long_encode_holds_the_request_tokenizer(make_engine) -> None:
+    """The engine thread decodes with a tokenizer of its own: an encode on an RPC thread (its lock held here for as
+    long as the test likes) cannot hold up running streams."""
+    engine = make_engine()
+    stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], stopping=exact(20)))
+    with engine.tokenization._lock:
+        assert stream.result().generated_token_count == 20
+
+
+def test_a_load_whose_deadline_passed_while_it_was_read_loads_nothing(make_engine, adapter_dirs, tmp_path) -> None:
+    """The deadline covers the read (an S3 download, say) and the wait for the engine together: past it after the
+    read, nothing is queued, so no adapter turns up after the client was told DEADLINE_EXCEEDED."""
+    from loraserve.errors import DeadlineExceeded
+
+    engine = make_engine()
+    with pytest.raises(DeadlineExceeded, match="nothing was loaded"):
+        engine.load_adapter(AdapterSpec("late", str(adapter_dirs["beta"])), tmp_path, None, time.monotonic() - 1)
+    assert "late" not in [a.id for a in engine.adapters.infos()] and not engine.adapters.has_pending()

@@ -5,7 +5,6 @@ that equal greedy `generate` with the prefix cache on and off."""
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from loraserve.errors import InvalidRequest
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.params import GenerationRequest, OutputOptions, StoppingParams
 from loraserve.server.models.adapters import AdapterSpec
+from tests.conftest import HANG_GUARD_S, EngineGate, wait_for
 
 SYSTEM = "You are a careful assistant. " * 12  # a shared head of ~70 tokens: four full blocks of 16
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "Say hello.", "Count to three."]
@@ -31,15 +31,6 @@ def ids(result) -> list[int]:  # type: ignore[no-untyped-def]
     return [t.id for t in result.tokens]
 
 
-def wait_until(condition, seconds: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
 def blocks_of(make_engine, tokens: int) -> str:  # type: ignore[no-untyped-def]
     """A --kv-cache-memory that holds `tokens` positions (plus the scratch block) of the tiny model."""
     probe = make_engine()
@@ -51,7 +42,7 @@ def test_finished_requests_leave_no_block_in_use(make_engine, reference) -> None
     streams = [engine.submit(ask(engine, q, 6)) for q in QUESTIONS]  # all end in the same step
     for question, stream in zip(QUESTIONS, streams, strict=True):
         assert ids(stream.result()) == reference(engine.tokenization.encode(question), 6)
-    assert wait_until(lambda: engine.stats().kv_cache_used_blocks == 0)
+    wait_for(lambda: engine.stats().kv_cache_used_blocks == 0, "the finished requests' blocks to be freed")
     stats = engine.stats()
     assert stats.active_requests == 0 and stats.kv_cache_used_tokens == 0
     assert stats.kv_cache_blocks * stats.kv_cache_block_size == stats.kv_cache_tokens
@@ -71,7 +62,7 @@ def test_a_full_cache_preempts_the_newest_request_and_outputs_stay_exact(
         assert ids(stream.result()) == reference(engine.tokenization.encode(prompt), 40)
     stats = engine.stats()
     assert stats.preemptions > 0
-    assert wait_until(lambda: engine.stats().kv_cache_used_blocks == 0)
+    wait_for(lambda: engine.stats().kv_cache_used_blocks == 0, "the finished requests' blocks to be freed")
 
 
 def test_a_request_larger_than_the_whole_cache_is_refused_up_front(make_engine) -> None:
@@ -127,23 +118,30 @@ def test_an_adapter_reloaded_with_new_weights_never_reuses_its_old_blocks(
     engine = make_engine()
     prompt = SYSTEM + QUESTIONS[1]
     prompt_ids = engine.tokenization.encode(prompt)
-    engine.load_adapter(AdapterSpec("gamma", str(adapter_dirs["alpha"])), tmp_path, None, 30)
+    engine.load_adapter(AdapterSpec("gamma", str(adapter_dirs["alpha"])), tmp_path, None, None)
     engine.submit(ask(engine, prompt, 4, "gamma")).result()
     assert engine.submit(ask(engine, prompt, 4, "alpha")).result().cached_input_token_count > 0
-    engine.unload_adapter("gamma", 30)
-    engine.load_adapter(AdapterSpec("gamma", str(adapter_dirs["beta"])), tmp_path, None, 30)
+    engine.unload_adapter("gamma", None)
+    engine.load_adapter(AdapterSpec("gamma", str(adapter_dirs["beta"])), tmp_path, None, None)
     reloaded = engine.submit(ask(engine, prompt, 4, "gamma")).result()
     assert reloaded.cached_input_token_count == 0
     assert ids(reloaded) == reference(prompt_ids, 4, "beta")
 
 
-def test_a_cancelled_request_frees_its_blocks_within_a_step(make_engine) -> None:
+def test_a_cancelled_request_frees_its_blocks_within_a_step(make_engine, monkeypatch) -> None:
+    """Counted in steps, not seconds: the step running when cancel() comes is the request's last."""
     engine = make_engine()
-    stream = engine.submit(ask(engine, SYSTEM, 200))
-    next(iter(stream))
-    assert engine.stats().kv_cache_used_blocks > 0
-    engine.cancel(stream.request_id)
-    assert wait_until(lambda: engine.stats().kv_cache_used_blocks == 0, seconds=5)
+    with EngineGate(engine, monkeypatch) as gate:
+        gate.hold_after_tokens(1)  # the request is mid-way, in a step, when it is cancelled
+        stream = engine.submit(ask(engine, SYSTEM, 200))
+        next(iter(stream))
+        gate.wait_held("the step after the first token")
+        assert engine.stats().kv_cache_used_blocks > 0
+        engine.cancel(stream.request_id)
+        steps = gate.steps
+        gate.release()
+        wait_for(lambda: engine.stats().kv_cache_used_blocks == 0, "the cancelled request's blocks to be freed")
+    assert gate.steps - steps <= 1, f"{gate.steps - steps} steps ran after the one running when cancel() came"
 
 
 def test_a_burst_of_cancelled_streams_leaks_no_block(make_engine) -> None:
@@ -154,6 +152,6 @@ def test_a_burst_of_cancelled_streams_leaks_no_block(make_engine) -> None:
         if rng.random() < 0.5:
             next(iter(stream))  # some have started decoding, some are still queued
         engine.cancel(stream.request_id)
-    assert engine.wait_idle(30)
+    assert engine.wait_idle(HANG_GUARD_S), f"hang guard: still busy after {HANG_GUARD_S:.0f} s"
     stats = engine.stats()
     assert (stats.active_requests, stats.queued_requests, stats.kv_cache_used_blocks) == (0, 0, 0)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from loraserve.client import LoraserveRpcError
+from tests.conftest import HANG_GUARD_S
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -28,7 +29,7 @@ def test_the_metrics_endpoint_reports_requests_tokens_latency_and_load(start_ser
     completions = f"http://127.0.0.1:{http_port}/v1/completions"
     assert httpx.post(completions, json={"model": model, "prompt": "Hi", "max_tokens": 2}).status_code == 200
     assert httpx.post(completions, json={"model": model, "prompt": "Hi", "top_p": 7}).status_code == 400
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=HANG_GUARD_S).read().decode()
     samples = []  # (name, labels, value) of every sample line
     for line in text.splitlines():
         match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)

@@ -13,6 +13,7 @@ from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
 from loraserve.server.models import loading
 from loraserve.server.models.adapters import AdapterSpec, is_valid_adapter_id
+from tests.conftest import HANG_GUARD_S
 
 
 def test_gguf_is_converted_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,7 +76,8 @@ def test_processes_starting_together_convert_once(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(loading, "_convert_gguf", fake_convert)
     first = loading.converted_gguf_folder(gguf, tmp_path / "cache")
-    second.join(timeout=30)
+    second.join(HANG_GUARD_S)
+    assert not second.is_alive(), f"hang guard: the second conversion still waits after {HANG_GUARD_S:.0f} s"
     assert len(conversions) == 1 and results == [first] and entries(tmp_path / "cache") == [first.name]
 
 

@@ -3,18 +3,24 @@ nothing is relevant the server says so without generating."""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
+from loraserve.client import LoraserveRpcError
 from loraserve.config import RagConfig
 from loraserve.errors import InvalidRequest
 from loraserve.server.engine.outputs import GenerationResult, StopReason
 from loraserve.server.engine.params import GenerationRequest
+from loraserve.server.engine.preparation import PromptTooLong
 from loraserve.server.retrieval.documents import Document
 from loraserve.server.retrieval.rag import NO_RELEVANT_DOCUMENTS, SYSTEM_PROMPT, RagQuery, answer, answer_messages
 from loraserve.server.retrieval.retriever import Retriever
+from tests.conftest import wait_for
 
 DOCUMENTS = (
     Document("france", "Paris is the capital of France.\n\nFrance is known for its wine and cheese.", "France"),
@@ -105,3 +111,56 @@ def test_a_store_folder_is_only_created_by_an_upsert(tmp_path: Path) -> None:
     retriever = Retriever(RagConfig(rag_store=str(tmp_path / "store")))
     assert retriever.collections() == [] and not (tmp_path / "store").exists()
     retriever.close()
+
+
+def test_inline_documents_past_the_request_budget_are_refused_before_any_embedding(start_server) -> None:
+    running = start_server(rag_options={"max_request_document_chars": 1000})
+    documents = [{"id": f"d{i}", "text": "word " * 100} for i in range(3)]  # 1,500 characters together
+    with pytest.raises(LoraserveRpcError) as refused:
+        running.client.rag_query("What?", documents)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1000 are allowed in one request" in refused.value.details
+    assert running.server.retriever.embedder._embedder is None  # the model was never even loaded for it
+
+
+def test_a_rag_query_whose_deadline_passes_while_embedding_ends_deadline_exceeded(
+    start_server, monkeypatch, caplog
+) -> None:
+    """Its deadline travels with the embedding work: once it passes, the work stops between two batches and the
+    server ends the call DEADLINE_EXCEEDED, without embedding the rest or generating."""
+    from loraserve.server.retrieval.embedding import Embedder
+
+    caplog.set_level(logging.INFO, logger="loraserve")
+    running = start_server(rag_options={"embedding_batch_size": 1})
+    forward, batches = Embedder._forward, []
+    # 50 batches of at least 0.2 s each against a 1 s deadline (a slower machine only makes them slower)
+    monkeypatch.setattr(
+        Embedder, "_forward", lambda self, texts: (batches.append(1), time.sleep(0.2), forward(self, texts))[2]
+    )
+    documents = [{"id": f"d{i}", "text": f"Passage number {i} about topic {i}."} for i in range(50)]
+    with pytest.raises(LoraserveRpcError) as late:
+        running.client.rag_query("What is topic 3?", documents, timeout=1.0)
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def refused() -> list[str]:
+        return [getattr(r, "status", "") for r in caplog.records if r.getMessage() == "request refused"]
+
+    wait_for(lambda: refused(), "the server to end the RagQuery")
+    assert refused() == ["DEADLINE_EXCEEDED"] and len(batches) < 50
+    assert running.server.engine.stats().completed_requests == 0  # no generation was started for it
+
+
+def test_passages_that_overflow_the_context_are_refused_naming_what_the_caller_can_change(retriever) -> None:
+    def too_long(request: GenerationRequest):  # what the engine says of a prompt past the context
+        raise PromptTooLong("is 900 tokens, but the context holds 256 tokens; set truncate_input_tokens", "messages")
+
+    query = RagQuery("When was the Eiffel Tower in Paris completed?", DOCUMENTS, top_k=3, min_similarity=-1.0)
+    with pytest.raises(InvalidRequest, match="do not fit the model's context; lower top_k") as raised:
+        answer(query, retriever, too_long)
+    assert raised.value.field == "top_k" and "truncate_input_tokens" not in str(raised.value)
+
+    def refused(request: GenerationRequest):  # any other refusal of the messages is passed on as it is
+        raise InvalidRequest("the model's chat template refuses this conversation: roles must alternate", "messages")
+
+    with pytest.raises(InvalidRequest, match="roles must alternate"):
+        answer(query, retriever, refused)
