@@ -18,6 +18,7 @@ from loraserve.server import convert
 from loraserve.server.adapter_sources import resolve_source
 from loraserve.server.engine.outputs import StopReason
 from loraserve.server.retrieval import rag
+from loraserve.server.retrieval.fair_worker import Budget
 from loraserve.server.status import rpc_method
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
@@ -204,9 +205,8 @@ class CollectionServicer(pb_grpc.CollectionServiceServicer):
         self, request: pb.UpsertDocumentsRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.UpsertDocumentsResponse:
         documents = convert.upsert_documents(request, self.rag_config)
-        outcome, info = self.retriever.upsert(
-            request.collection, documents, deadline_of(context), lambda: not context.is_active()
-        )
+        budget = Budget(deadline_of(context), lambda: not context.is_active())
+        outcome, info = self.retriever.upsert(request.collection, documents, budget)
         return convert.upsert_response(outcome, info)
 
     @rpc_method

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +23,7 @@ import numpy as np
 
 from loraserve.bundled import bundled_path
 from loraserve.errors import ConfigError
-from loraserve.server.retrieval.fair_worker import FairWorker, Steps
+from loraserve.server.retrieval.fair_worker import UNBOUNDED, Budget, FairWorker, Steps
 
 if TYPE_CHECKING:
     import torch
@@ -135,16 +135,14 @@ class Embedder:
         )
         return int(self.model.config.hidden_size)
 
-    def embed(
-        self, texts: Sequence[str], deadline: float | None = None, abandoned: Callable[[], bool] = lambda: False
-    ) -> np.ndarray:
-        """Unit vectors for texts, in order; texts seen recently come from the cache. DeadlineExceeded once
-        `deadline` (time.monotonic()) passes before they are done, Cancelled once abandoned() says the caller left."""
-        return self._worker.run(self._embed_steps(list(texts)), deadline, abandoned)
+    def embed(self, texts: Sequence[str], budget: Budget = UNBOUNDED) -> np.ndarray:
+        """Unit vectors for texts, in order; texts seen recently come from the cache. DeadlineExceeded once the
+        budget's deadline passes before they are done, Cancelled once its caller has gone."""
+        return self._worker.run(self._embed_steps(list(texts)), budget)
 
-    def for_request(self, deadline: float | None, abandoned: Callable[[], bool] = lambda: False) -> RequestEmbedder:
-        """This embedder as one request uses it: its deadline and its caller's presence bound every call."""
-        return RequestEmbedder(self, deadline, abandoned)
+    def for_request(self, budget: Budget) -> RequestEmbedder:
+        """This embedder as one request uses it: the request's budget bounds every call."""
+        return RequestEmbedder(self, budget)
 
     def _embed_steps(self, texts: list[str]) -> Steps[np.ndarray]:
         """One step per batch of texts not in the cache; batches of similar length (less padding), longest first.
@@ -190,8 +188,7 @@ class RequestEmbedder:
     """An embedder bound to one request's deadline and presence (what collections and citations are given)."""
 
     embedder: Embedder
-    deadline: float | None
-    abandoned: Callable[[], bool]
+    budget: Budget
 
     @property
     def identity(self) -> str:
@@ -202,7 +199,7 @@ class RequestEmbedder:
         return self.embedder.dimensions
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self.embedder.embed(texts, self.deadline, self.abandoned)
+        return self.embedder.embed(texts, self.budget)
 
 
 class LazyEmbedder:

@@ -19,11 +19,26 @@ T = TypeVar("T")
 Steps = Generator[None, None, T]
 
 
+def _present() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What bounds one request's jobs: its deadline (time.monotonic(), None for none), and whether its caller has
+    gone."""
+
+    deadline: float | None = None
+    abandoned: Callable[[], bool] = _present
+
+
+UNBOUNDED = Budget()  # no deadline, a caller that never leaves
+
+
 @dataclass
 class _Job:
     steps: Steps[Any]
-    deadline: float | None = None  # time.monotonic()
-    abandoned: Callable[[], bool] = lambda: False
+    budget: Budget
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -37,8 +52,8 @@ class FairWorker:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, steps: Steps[T], deadline: float | None = None, abandoned: Callable[[], bool] = lambda: False) -> T:
-        job = _Job(steps, deadline, abandoned)
+    def run(self, steps: Steps[T], budget: Budget = UNBOUNDED) -> T:
+        job = _Job(steps, budget)
         with self._ready:
             if self._closed:
                 raise Cancelled("the server is shutting down")
@@ -64,11 +79,12 @@ class FairWorker:
 
     def _loop(self) -> None:
         while (job := self._next()) is not None:
-            if job.deadline is not None and time.monotonic() >= job.deadline:
+            deadline = job.budget.deadline
+            if deadline is not None and time.monotonic() >= deadline:
                 job.future.set_exception(DeadlineExceeded("the request's deadline passed before its embeddings were"))
                 continue
             try:
-                if job.abandoned():
+                if job.budget.abandoned():
                     job.future.set_exception(Cancelled("the caller went away"))
                     continue
                 next(job.steps)

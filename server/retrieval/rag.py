@@ -15,6 +15,7 @@ from loraserve.server.engine.params import GenerationRequest, OutputConstraint, 
 from loraserve.server.engine.preparation import PromptTooLong
 from loraserve.server.engine.request_stream import RequestStream
 from loraserve.server.retrieval.documents import Document
+from loraserve.server.retrieval.fair_worker import Budget
 from loraserve.server.retrieval.retriever import Retriever
 from loraserve.server.retrieval.search import Hit
 
@@ -96,9 +97,8 @@ def answer(
     The embedding work ends at the query's deadline or once abandoned() says its caller has gone. Under an output
     constraint the answer is generated even when no passage is relevant (the canned reply would not satisfy it), and
     its text is returned as generated: no citation markers are added to it."""
-    hits = retriever.search(
-        query.query, query.documents, query.collection, query.top_k, query.min_similarity, query.deadline, abandoned
-    )
+    budget = Budget(query.deadline, abandoned)
+    hits = retriever.search(query.query, query.documents, query.collection, query.top_k, query.min_similarity, budget)
     if not hits and query.constraint is None:
         return RagAnswer(request_id=query.request_id, text=NO_RELEVANT_DOCUMENTS, sources=(), result=None)
     request = GenerationRequest(
@@ -122,6 +122,6 @@ def answer(
     if query.constraint is not None:
         sources = tuple(Source(hit, rank, False) for rank, hit in enumerate(hits, start=1))
         return RagAnswer(request_id=query.request_id, text=result.text, sources=sources, result=result)
-    cited = retriever.cite(result.text, hits, query.deadline, abandoned)
+    cited = retriever.cite(result.text, hits, budget)
     sources = tuple(Source(hit, rank, rank in cited.cited) for rank, hit in enumerate(hits, start=1))
     return RagAnswer(request_id=query.request_id, text=cited.text, sources=sources, result=result)

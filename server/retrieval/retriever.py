@@ -3,7 +3,7 @@ servicers call it; it never sees gRPC."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from loraserve.errors import InvalidRequest
 from loraserve.server.retrieval.citations import CitedAnswer, cite
 from loraserve.server.retrieval.documents import Document, check_collection_name
 from loraserve.server.retrieval.embedding import LazyEmbedder
+from loraserve.server.retrieval.fair_worker import UNBOUNDED, Budget
 from loraserve.server.retrieval.search import Hit, hybrid_search
 from loraserve.server.retrieval.store import Collection, CollectionInfo, CollectionStore, UpsertOutcome
 
@@ -34,12 +35,11 @@ class Retriever:
         collection: str,
         top_k: int,
         min_similarity: float | None,
-        deadline: float | None = None,
-        abandoned: Callable[[], bool] = lambda: False,
+        budget: Budget = UNBOUNDED,
     ) -> list[Hit]:
         """The passages for a question, from inline documents, a stored collection, or both; the embedding work
         ends at the request's deadline, or when its caller has gone."""
-        embedder = self.embedder.get().for_request(deadline, abandoned)
+        embedder = self.embedder.get().for_request(budget)
         sources: list[Collection] = []
         if collection:
             check_collection_name(collection)
@@ -63,26 +63,16 @@ class Retriever:
             if inline is not None:
                 inline.close()
 
-    def cite(
-        self,
-        answer: str,
-        hits: Sequence[Hit],
-        deadline: float | None = None,
-        abandoned: Callable[[], bool] = lambda: False,
-    ) -> CitedAnswer:
+    def cite(self, answer: str, hits: Sequence[Hit], budget: Budget = UNBOUNDED) -> CitedAnswer:
         vectors = np.stack([h.vector for h in hits]) if hits else np.zeros((0, 0), dtype=np.float32)
-        embedder = self.embedder.get().for_request(deadline, abandoned)
+        embedder = self.embedder.get().for_request(budget)
         return cite(answer, [h.passage.text for h in hits], vectors, embedder.embed)
 
     def upsert(
-        self,
-        name: str,
-        documents: Sequence[Document],
-        deadline: float | None = None,
-        abandoned: Callable[[], bool] = lambda: False,
+        self, name: str, documents: Sequence[Document], budget: Budget = UNBOUNDED
     ) -> tuple[UpsertOutcome, CollectionInfo]:
         check_collection_name(name)
-        embedder = self.embedder.get().for_request(deadline, abandoned)
+        embedder = self.embedder.get().for_request(budget)
         outcome, collection = self.store.upsert(
             name,
             documents,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from loraserve.errors import Cancelled, DeadlineExceeded
-from loraserve.server.retrieval.fair_worker import FairWorker, Steps
+from loraserve.server.retrieval.fair_worker import Budget, FairWorker, Steps
 from tests.conftest import HANG_GUARD_S
 
 
@@ -60,7 +60,7 @@ def test_a_job_past_its_deadline_is_dropped_between_steps() -> None:
     worker = FairWorker("test-embed")
     log: list[str] = []
     with pytest.raises(DeadlineExceeded):
-        worker.run(counted("D", 3, log), deadline=time.monotonic() - 1)
+        worker.run(counted("D", 3, log), Budget(deadline=time.monotonic() - 1))
     assert log == []
     worker.close()
 
@@ -69,7 +69,7 @@ def test_a_job_whose_caller_left_is_dropped_between_steps() -> None:
     worker = FairWorker("test-embed")
     log: list[str] = []
     with pytest.raises(Cancelled):
-        worker.run(counted("A", 10, log), abandoned=lambda: len(log) >= 2)
+        worker.run(counted("A", 10, log), Budget(abandoned=lambda: len(log) >= 2))
     assert log == ["A0", "A1"]
     worker.close()
 
