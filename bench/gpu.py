@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 from loraserve.config import EngineConfig, ModelConfig
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.params import GenerationRequest, StoppingParams
-from loraserve.server.models.adapters import AdapterSpec
-from loraserve.server.models.llama import LlamaRunner, prepare_linears
+from loraserve.server.models.adapters.files import read_adapter
+from loraserve.server.models.adapters.spec import AdapterSpec
+from loraserve.server.models.decoder import prepare_linears, projection_features
 from loraserve.server.models.loading import LoadedModel, resolve_model_folder
-from loraserve.server.models.lora import read_adapter
 from loraserve.server.models.types import ModelDescription
 
 from common import machine, prompts
@@ -116,7 +116,7 @@ def write_adapter(model, folder: Path, rank: int, seed: int) -> Path:  # type: i
 def loaded_model(model, tok, adapters: list[Path]) -> LoadedModel:  # type: ignore[no-untyped-def]
     from loraserve.prompting import HumanAssistantFormat
 
-    features = LlamaRunner.projection_features(model)
+    features = projection_features(model)
     lora = [
         read_adapter(AdapterSpec(f"a{i}", str(p)), features, model.config.num_hidden_layers)
         for i, p in enumerate(adapters)

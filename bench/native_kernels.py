@@ -20,8 +20,8 @@ import torch
 
 from loraserve.config import ModelConfig
 from loraserve.server.models import native
+from loraserve.server.models.decoder import DecoderRunner, cache_shape
 from loraserve.server.models.kv_blocks import PagedKVCache
-from loraserve.server.models.llama import LlamaRunner
 from loraserve.server.models.loading import load_model
 from loraserve.server.models.types import RowWork
 
@@ -31,7 +31,7 @@ BLOCK = 16
 PATHS = ("torch", "native")
 
 
-def measure(runners: dict[str, LlamaRunner], vocab: int, rows: int, context: int, steps: int) -> dict[str, object]:
+def measure(runners: dict[str, DecoderRunner], vocab: int, rows: int, context: int, steps: int) -> dict[str, object]:
     """Prefill `rows` prompts of `context` tokens into both caches (the same scattered blocks), then time decode steps
     of all rows, alternating runners."""
     per_row = -(-(context + steps + 1) // BLOCK)
@@ -66,7 +66,7 @@ def compare(medians: dict[str, float], logits: dict[str, torch.Tensor]) -> dict[
     }
 
 
-def measure_prefill(runners: dict[str, LlamaRunner], vocab: int, tokens: int, steps: int) -> dict[str, object]:
+def measure_prefill(runners: dict[str, DecoderRunner], vocab: int, tokens: int, steps: int) -> dict[str, object]:
     """Prefill steps of `tokens` prompt tokens (4 prompts), alternating runners; each step writes the same blocks."""
     per_prompt = tokens // 4
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -104,12 +104,12 @@ def main() -> None:
     print(f"cpu flags: {info['cpu_flags']}")
     loaded = load_model(ModelConfig(model=args.model, device="cpu", dtype="float32"))
     model = loaded.model
-    shape = LlamaRunner.cache_shape(model, torch.float32)
+    shape = cache_shape(model, torch.float32)
     needed = max(args.rows) * -(-(max(args.context) + args.steps + 1) // BLOCK) + 1
     cpu = torch.device("cpu")
     needed = max(needed, 4 * -(-args.prefill_tokens // 4 // BLOCK) + 1)
     runners = {
-        name: LlamaRunner(
+        name: DecoderRunner(
             model, loaded.linears, PagedKVCache(shape, needed, BLOCK, cpu), None, native.select(name, shape, cpu)
         )
         for name in PATHS

@@ -23,6 +23,7 @@ from loraserve.config import (
 )
 from loraserve.errors import ConfigError
 from loraserve.logs import configure_logging_from
+from loraserve.trainer.commands import adapter_pull, adapter_push
 from loraserve.trainer.commands import add_commands as add_trainer_commands
 
 SERVE_CONFIGS = (ModelConfig, EngineConfig, RagConfig, ServerConfig, StorageConfig, LogConfig)
@@ -42,17 +43,28 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(model_config, engine_config, server_config, rag_config)
 
 
-Action = Callable[[str, str, Callable[[argparse.Namespace], int]], argparse.ArgumentParser]
+Action = Callable[..., argparse.ArgumentParser]
+
+
+def sentence(help_text: str) -> str:
+    return help_text[0].upper() + help_text[1:] + "."
 
 
 def client_action_group(commands: argparse._SubParsersAction, name: str, help_text: str) -> Action:
-    """A command with client actions (`loraserve NAME ACTION ...`); returns the function that adds an action."""
-    group = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+    """A command with actions (`loraserve NAME ACTION ...`); returns the function that adds an action, which takes
+    the client's options unless it names other settings (an action on S3 takes StorageConfig's)."""
+    group = commands.add_parser(name, help=help_text, description=sentence(help_text))
     actions = group.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
 
-    def action(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        add_options(sub, ClientConfig)
+    def action(
+        name: str,
+        help_text: str,
+        handler: Callable[[argparse.Namespace], int],
+        settings: type = ClientConfig,
+        description: str = "",
+    ) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=description or sentence(help_text))
+        add_options(sub, settings)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -60,14 +72,39 @@ def client_action_group(commands: argparse._SubParsersAction, name: str, help_te
 
 
 def add_adapter_commands(commands: argparse._SubParsersAction) -> None:
-    action = client_action_group(commands, "adapters", "load, unload and list the running server's adapters")
+    """`loraserve adapters`: push and pull act on S3 (no server needed); load, unload and list on the running server."""
+    action = client_action_group(
+        commands, "adapters", "push and pull adapters in S3; load, unload and list the running server's adapters"
+    )
+    push = action(
+        "push",
+        "upload an adapter folder to S3 as a new version",
+        adapter_push,
+        StorageConfig,
+        "Upload an adapter folder to S3 as a new version, then point 'latest' at it (no server needed).",
+    )
+    push.add_argument("folder", help="the adapter folder (with manifest.json)")
+    push.add_argument("location", help="s3://bucket/prefix")
+    push.add_argument("--version", help="version name (default: the run id in the manifest)")
+    pull = action(
+        "pull",
+        "download an adapter version from S3 and verify it",
+        adapter_pull,
+        StorageConfig,
+        "Download an adapter version from S3 and verify every checksum (no server needed).",
+    )
+    pull.add_argument("location", help="s3://bucket/prefix")
+    pull.add_argument("folder", help="where to put the adapter folder")
+    pull.add_argument("--version", help="version to fetch (default: latest)")
     load = action("load", "load an adapter into the running server", client_commands.adapters_load)
     load.add_argument("adapter_id", help="the id requests will use")
     load.add_argument("source", help="a folder under the server's --adapter-root, or s3://bucket/prefix")
     load.add_argument("--version", help="the S3 version to load (default: the latest)")
-    unload = action("unload", "unload an adapter once its running requests finish", client_commands.adapters_unload)
+    unload = action(
+        "unload", "unload an adapter from the running server once its requests finish", client_commands.adapters_unload
+    )
     unload.add_argument("adapter_id", help="the adapter")
-    listing = action("list", "list the resident adapters", client_commands.adapters_list)
+    listing = action("list", "list the running server's resident adapters", client_commands.adapters_list)
     listing.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -101,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        sub = commands.add_parser(name, help=help_text, description=sentence(help_text))
         add_options(sub, ClientConfig)
         sub.set_defaults(handler=getattr(client_commands, name))
         return sub

@@ -1,4 +1,4 @@
-"""Adapter artifacts in S3, shared by `loraserve adapter push/pull` and the server.
+"""Adapter artifacts in S3, shared by `loraserve adapters push/pull` and the server.
 
 Layout under s3://bucket/prefix/:
   <version>/<file>         every file of the adapter folder

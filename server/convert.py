@@ -21,7 +21,7 @@ from loraserve.server.engine.params import (
     StoppingParams,
 )
 from loraserve.server.engine.stats import EngineStats
-from loraserve.server.models.adapters import AdapterInfo
+from loraserve.server.models.adapters.spec import AdapterInfo
 from loraserve.server.models.types import ModelDescription
 from loraserve.server.retrieval.documents import Document, check_documents
 from loraserve.server.retrieval.rag import DEFAULT_TOP_K, MAX_TOP_K, RagAnswer, RagQuery

@@ -15,11 +15,11 @@ from loraserve import __version__
 from loraserve.config import ModelConfig, RagConfig
 from loraserve.errors import DeadlineExceeded, Unavailable
 from loraserve.server import convert
-from loraserve.server.adapter_sources import resolve_source
 from loraserve.server.engine.outputs import StopReason
+from loraserve.server.models.adapters.sources import resolve_source
 from loraserve.server.retrieval import rag
 from loraserve.server.retrieval.fair_worker import Budget
-from loraserve.server.status import rpc_method
+from loraserve.server.rpc import rpc_method
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc
 

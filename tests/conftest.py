@@ -501,7 +501,7 @@ class EngineGate:
         self.hung = False
         self._hold: Callable[[], object] | None = None
         self._changed = threading.Condition()
-        step, cancel = engine._runner.step, engine.cancel
+        step, cancel = engine.executor.forward, engine.cancel
 
         def gated_step(work):  # type: ignore[no-untyped-def]
             self._wait_at_gate(len(work))
@@ -511,7 +511,7 @@ class EngineGate:
             self.cancelled.append(request_id)
             cancel(request_id)
 
-        monkeypatch.setattr(engine._runner, "step", gated_step)
+        monkeypatch.setattr(engine.executor, "forward", gated_step)
         monkeypatch.setattr(engine, "cancel", watched_cancel)
 
     def _wait_at_gate(self, rows: int) -> None:

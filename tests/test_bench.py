@@ -1,5 +1,5 @@
 """The benchmark scripts keep working: each runs end to end on a tiny model and writes its figures. (They measure
-nothing here; the figures in the README come from full runs.)"""
+nothing here; the figures in docs/ and bench/results/ come from full runs.)"""
 
 from __future__ import annotations
 
@@ -148,6 +148,21 @@ def test_http_vs_grpc_script_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path
     for name in ("grpc", "http"):
         (run_result,) = summary["runs"][name]
         assert run_result["generated_tokens"] == 3 * 4 and run_result["requests"] == 3
+
+
+def test_revisions_script_runs_both_sides_alternating(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The working tree against HEAD, one round of a tiny throughput run each; the temporary worktree is removed."""
+    out = tmp_path / "revisions.json"
+    tiny = ["--model", str(tiny_model_dir), "--levels", "2", "--new-tokens", "4", "--prompt-tokens", "16"]
+    tiny += ["--requests-per-stream", "1", "--sequential-requests", "1", "--adapters", "0", "--no-peer"]
+    tiny += ["--shared-prefix-tokens", "0", "--kv-cache-memory", TINY_KV]
+    result = run("bench/revisions.py", "--rounds", "1", "--out", str(out), "--", *tiny)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cpu flags:" in result.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["streams"] == 2 and len(row["base"]) == len(row["working_tree"]) == 1 and row["ratio_of_medians"] > 0
+    worktrees = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "loraserve-revisions-" not in worktrees.stdout
 
 
 def test_schedule_simulation_shows_bursts_taking_fewer_steps() -> None:

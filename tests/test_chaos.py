@@ -1,5 +1,5 @@
 """Faults from outside: an S3 endpoint that drops connections mid-object or answers slowly (a proxy in front of moto
-on 127.0.0.1), `loraserve adapter pull` killed with SIGKILL mid-download, a full disk under the adapter cache (a
+on 127.0.0.1), `loraserve adapters pull` killed with SIGKILL mid-download, a full disk under the adapter cache (a
 tiny tmpfs in a private mount namespace), and a client that opens 500 streams and never reads them. In every case
 the error is clear, the retries are bounded, nothing half-written is left, and the server keeps serving.
 
@@ -44,7 +44,7 @@ def partials(folder: Path) -> list[Path]:
 
 
 def pull(location: str, destination: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    command = [*LORASERVE, "adapter", "pull", location, str(destination)]
+    command = [*LORASERVE, "adapters", "pull", location, str(destination)]
     return subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD, env=os.environ | env)
 
 
@@ -55,7 +55,7 @@ def test_a_pull_killed_mid_download_leaves_no_folder_and_the_next_pull_completes
     faulty_s3.misbehave("slow", WEIGHTS, delay=HANG_GUARD)  # the weights never come before the kill
     destination = tmp_path / "pulled" / "beta"
     process = subprocess.Popen(
-        [*LORASERVE, "adapter", "pull", location, str(destination)],
+        [*LORASERVE, "adapters", "pull", location, str(destination)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -74,7 +74,7 @@ def test_health_check_through_grpcurl(grpcurl: Path, tiny_server) -> None:
 
 
 def test_a_constraint_through_reflection(grpcurl: Path, tiny_server) -> None:
-    """The README's structured-output requests, as grpcurl sends them."""
+    """The structured-output requests of docs/structured-output.md, as grpcurl sends them."""
     schema = {
         "type": "object",
         "properties": {"born": {"type": "integer", "minimum": 0, "maximum": 2100}},

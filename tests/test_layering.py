@@ -16,15 +16,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GRPC_SIDE = tuple(
     f"loraserve.server.{p.stem}" for p in (ROOT / "server").glob("*.py") if p.stem != "__init__"
-)  # app, servicer, convert, status, interceptors, adapter_sources
+)  # app, servicer, convert, status, rpc, interceptors
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "loraserve.v1")
 HTTP_SIDE = ("loraserve.server.http_api", "fastapi", "starlette", "uvicorn")
 
 # room -> module prefixes its modules must never import
 FORBIDDEN = {
     "server/models": (*GRPC, *GRPC_SIDE, *HTTP_SIDE, "loraserve.server.engine", "loraserve.server.retrieval"),
+    "server/models/adapters": (*GRPC, *GRPC_SIDE, *HTTP_SIDE, "loraserve.server.engine", "loraserve.server.retrieval"),
     "server/engine": (*GRPC, *GRPC_SIDE, *HTTP_SIDE, "loraserve.server.retrieval"),
     "server/retrieval": (*GRPC, *GRPC_SIDE, *HTTP_SIDE),
+    # the families are plain data, checked on a config.json before torch is imported
+    "server/models/families": (*GRPC, *GRPC_SIDE, *HTTP_SIDE, "torch", "transformers", "loraserve.server.engine"),
     # the HTTP API is a protocol beside gRPC: it talks to the engine and shares the status table and access checks,
     # but never reaches into the model runners or the gRPC servicers
     "server/http_api": ("loraserve.server.models", "loraserve.server.servicer", "loraserve.server.convert", "torch"),
@@ -66,6 +69,34 @@ def test_no_room_imports_against_the_arrows(room: str) -> None:
         if breaks(name, FORBIDDEN[room])
     }
     assert not wrong, sorted(wrong)
+
+
+# What the engine may take from the model side: the executor, and plain data about models and adapters.
+ENGINE_FROM_MODELS = {
+    "loraserve.server.models.executor": {"ModelExecutor"},
+    "loraserve.server.models.types": {"RowWork"},
+    "loraserve.server.models.adapters.spec": {"AdapterSpec", "AdapterInfo", "adapter_id_rule", "is_valid_adapter_id"},
+    "loraserve.server.models.loading": {"LoadedModel"},
+    "loraserve.server.models.adapters.files": {"LoraAdapter"},
+}
+# The executor's state, which only the executor touches
+EXECUTOR_STATE = {"kv", "runner", "_graphs", "linears", "lora", "kernels"}
+
+
+def test_the_engine_reaches_the_model_side_only_through_the_executor() -> None:
+    wrong = []
+    for path in sorted((ROOT / "server/engine").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("loraserve.server.models"):
+                allowed = ENGINE_FROM_MODELS.get(node.module or "", set())
+                wrong += [f"{path.name} imports {node.module}.{a.name}" for a in node.names if a.name not in allowed]
+            elif isinstance(node, ast.Import):
+                wrong += [
+                    f"{path.name} imports {a.name}" for a in node.names if a.name.startswith("loraserve.server.models")
+                ]
+            elif isinstance(node, ast.Attribute) and node.attr in EXECUTOR_STATE:
+                wrong += [f"{path.name}:{node.lineno} touches .{node.attr}"]
+    assert not wrong, wrong
 
 
 def test_the_trainer_uses_only_model_loading_from_the_server() -> None:
@@ -114,11 +145,25 @@ def test_the_client_works_without_torch() -> None:
     assert result.stdout.strip() == "UNAVAILABLE"
 
 
+def test_adapters_push_and_pull_work_without_torch(tmp_path: Path) -> None:
+    result = run_python(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any "import torch" now fails
+        from loraserve.cli import main
+        print(main(["adapters", "push", {str(tmp_path)!r}, "s3://bucket/prefix"]))  # refused: no manifest
+        import loraserve.storage  # what pull uses
+        """
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "1", result.stderr
+    assert "loraserve adapters push:" in result.stderr and "no manifest.json" in result.stderr, result.stderr
+
+
 def test_the_servicer_does_not_load_torch() -> None:
     result = run_python(
         """
         import sys
-        import loraserve.server.servicer, loraserve.server.convert, loraserve.server.status
+        import loraserve.server.servicer, loraserve.server.convert, loraserve.server.status, loraserve.server.rpc
         import loraserve.server.http_api.app, loraserve.server.http_api.server
         print("torch" in sys.modules)
         """
@@ -132,7 +177,7 @@ def test_the_engine_does_not_import_grpc() -> None:
         """
         import sys
         import loraserve.server.engine.engine, loraserve.server.models.loading, loraserve.server.retrieval.rag
-        import loraserve.server.models.registry
+        import loraserve.server.models.executor
         print(sorted(name for name in sys.modules if name == "grpc" or name.startswith("loraserve.v1")))
         """
     )

@@ -103,7 +103,7 @@ def test_locations_are_checked() -> None:
 def test_the_cli_pushes_and_pulls(bucket: str, tmp_path: Path) -> None:
     folder = adapter_folder(tmp_path / "src")
     env = dict(os.environ)
-    loraserve = [sys.executable, "-m", "loraserve.cli", "adapter"]
+    loraserve = [sys.executable, "-m", "loraserve.cli", "adapters"]
     pushed = subprocess.run(
         [*loraserve, "push", str(folder), f"s3://{bucket}/cli", "--version", "v1"],
         env=env,

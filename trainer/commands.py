@@ -1,4 +1,5 @@
-"""The trainer's CLI commands: `data validate`, `train`, `adapter push` and `adapter pull`."""
+"""The trainer's CLI commands: `data validate`, `train`, `model push`, and the S3 handlers of `adapters push` and
+`adapters pull` (loraserve/cli.py puts them in the `adapters` group, beside the running server's actions)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def adapter_push(args: argparse.Namespace) -> int:
     try:
         version = push(Path(args.folder), S3Location.parse(args.location), args.version)
     except StorageError as error:
-        print(f"loraserve adapter push: {error}", file=sys.stderr)
+        print(f"loraserve adapters push: {error}", file=sys.stderr)
         return 1
     print(version)
     return 0
@@ -133,14 +134,14 @@ def adapter_pull(args: argparse.Namespace) -> int:
     try:
         folder = pull(S3Location.parse(args.location), Path(args.folder), args.version)
     except StorageError as error:
-        print(f"loraserve adapter pull: {error}", file=sys.stderr)
+        print(f"loraserve adapters pull: {error}", file=sys.stderr)
         return 1
     print(folder)
     return 0
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register data, train and adapter on the main parser's subcommands."""
+    """Register data, train and model on the main parser's subcommands."""
 
     data = commands.add_parser("data", help="check training data", description="Check training data.")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
@@ -164,29 +165,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_options(run, TrainConfig)
     add_options(run, LogConfig)
     run.set_defaults(handler=train)
-
-    adapter = commands.add_parser("adapter", help="store adapters in S3", description="Store adapters in S3.")
-    adapter_commands = adapter.add_subparsers(dest="adapter_command", required=True, metavar="COMMAND")
-    upload = adapter_commands.add_parser(
-        "push",
-        help="upload an adapter folder as a new version",
-        description="Upload an adapter folder as a new version, then point 'latest' at it.",
-    )
-    upload.add_argument("folder", help="the adapter folder (with manifest.json)")
-    upload.add_argument("location", help="s3://bucket/prefix")
-    upload.add_argument("--version", help="version name (default: the run id in the manifest)")
-    add_options(upload, StorageConfig)
-    upload.set_defaults(handler=adapter_push)
-    download = adapter_commands.add_parser(
-        "pull",
-        help="download and verify an adapter version",
-        description="Download an adapter version and verify every checksum.",
-    )
-    download.add_argument("location", help="s3://bucket/prefix")
-    download.add_argument("folder", help="where to put the adapter folder")
-    download.add_argument("--version", help="version to fetch (default: latest)")
-    add_options(download, StorageConfig)
-    download.set_defaults(handler=adapter_pull)
 
     model = commands.add_parser("model", help="store models in S3", description="Store models in S3.")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraserve.errors import AdapterNotFound, AlreadyExists, InvalidRequest, LoraserveError, ModelFailure, QueueFull
-from loraserve.server.models.adapters import AdapterInfo, adapter_id_rule, is_valid_adapter_id
+from loraserve.server.models.adapters.spec import AdapterInfo, adapter_id_rule, is_valid_adapter_id
 
 if TYPE_CHECKING:
-    from loraserve.server.models.lora import LoraAdapter
+    from loraserve.server.models.adapters.files import LoraAdapter
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 the batched sampler applies.
 
 The library is llguidance (Rust, no dependencies). bench/structured.py measured it beside xgrammar and outlines-core
-with the default model's tokenizer; the reasons it was chosen are in the README ("Structured output"): it implements
+with the default model's tokenizer; why it was chosen is in docs/structured-output.md ("Why llguidance"): it implements
 JSON schema, regex and Lark grammars with one engine, it refuses a JSON-schema keyword it does not implement instead
 of ignoring it (xgrammar accepted `if`/`then` and would have generated text the schema rejects), it needs no
 up-front compilation over the vocabulary (outlines-core builds an index of every regex state x token first, and has

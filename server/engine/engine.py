@@ -22,9 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from loraserve.config import CHARS_PER_CONTEXT_TOKEN, EngineConfig, parse_size
+from loraserve.config import CHARS_PER_CONTEXT_TOKEN, EngineConfig
 from loraserve.errors import (
     Cancelled,
     ConfigError,
@@ -45,19 +43,15 @@ from loraserve.server.engine.preparation import prepare
 from loraserve.server.engine.request_stream import RequestStream
 from loraserve.server.engine.sampling import SampledTokens, sample_next
 from loraserve.server.engine.scheduler import Scheduler
-from loraserve.server.engine.sequence import Sequence as GenerationSequence
-from loraserve.server.engine.sequence import SequenceContext
+from loraserve.server.engine.sequence import GenerationSequence, SequenceContext
 from loraserve.server.engine.stats import EngineStats
 from loraserve.server.engine.step_budget import StepBudget
 from loraserve.server.engine.telemetry import Telemetry, wall_ns
 from loraserve.server.engine.tokenization import InputLimits, Tokenization
-from loraserve.server.models import native
-from loraserve.server.models.adapters import AdapterSpec
-from loraserve.server.models.cuda_graphs import DecodeGraphs
-from loraserve.server.models.kv_blocks import PagedKVCache, budget_bytes
-from loraserve.server.models.loading import LoadedModel, read_adapter_from
-from loraserve.server.models.lora import LoraAdapter, LoraBanks
-from loraserve.server.models.registry import runner_class
+from loraserve.server.models.adapters.files import LoraAdapter
+from loraserve.server.models.adapters.spec import AdapterSpec
+from loraserve.server.models.executor import ModelExecutor
+from loraserve.server.models.loading import LoadedModel
 from loraserve.server.models.types import RowWork
 
 logger = logging.getLogger(__name__)
@@ -103,14 +97,8 @@ class Engine:
             loaded.tokenizer, loaded.description.vocab_size, loaded.eos_token_ids, config.constraint_cache_size
         )
         self._on_failure = on_failure
-        self._runner_class = runner_class(loaded.model)
-        self.kv = self._kv_cache(loaded, config)
-        self.blocks = BlockManager(self.kv.usable_blocks, self.kv.block_size, config.prefix_caching)
-        kernels = native.select(config.kernels, self.kv.shape, loaded.model.device)
-        self._runner = self._runner_class(loaded.model, loaded.linears, self.kv, None, kernels)
-        self._graphs: DecodeGraphs | None = None
-        if config.cuda_graphs and self._runner.device.type == "cuda" and loaded.description.quantization == "none":
-            self._graphs = DecodeGraphs(self._runner, config.max_batch_size, capture=True)
+        self.executor = ModelExecutor(loaded, config)
+        self.blocks = BlockManager(self.executor.usable_blocks, self.executor.block_size, config.prefix_caching)
         self._waiting: deque[GenerationSequence] = deque()
         self._running: list[GenerationSequence] = []  # in admission order; each holds KV cache blocks
         self._adapter_index: dict[str, int] = {}
@@ -127,7 +115,7 @@ class Engine:
             tokenization=self.tokenization.private_copy(),  # decoding on the engine thread waits for no encode
             eos_token_ids=loaded.eos_token_ids,
             max_sequence_length=self.max_sequence_length,
-            device=self._runner.device,
+            device=self.executor.device,
             log_prompts=log_prompts,
         )
         self._by_id: dict[str, GenerationSequence] = {}
@@ -147,27 +135,9 @@ class Engine:
             telemetry.watch("active_requests", lambda: self._active)
             telemetry.watch("kv_cache.used_ratio", lambda: self.blocks.usage().used_blocks / self.blocks.num_blocks)
 
-    def _kv_cache(self, loaded: LoadedModel, config: EngineConfig) -> PagedKVCache:
-        shape = self._runner_class.cache_shape(loaded.model, loaded.model.dtype)
-        size = budget_bytes(parse_size(config.kv_cache_memory), loaded.model.device)
-        try:
-            kv = PagedKVCache.within(shape, size, config.kv_block_size, loaded.model.device)
-        except ValueError as error:
-            raise ConfigError(f"--kv-cache-memory {config.kv_cache_memory}: {error}") from None
-        logger.info(
-            "KV cache",
-            extra={"bytes": size, "blocks": kv.num_blocks, "block_size": kv.block_size, "tokens": kv.capacity_tokens},
-        )
-        return kv
-
     def _use_adapters(self, resident: list[LoraAdapter]) -> None:
         """Make `resident` the adapters the model runs: LoRA banks, prompt formats and adapter indices (engine
         thread). Everything is built before anything is replaced, so a failure leaves the running set as it was."""
-        model = self.loaded.model
-        banks = None
-        if resident:
-            features = self._runner_class.projection_features(model)
-            banks = LoraBanks(resident, features, model.config.num_hidden_layers, model.dtype, model.device)
         formats = {
             a.info.id: load_prompt_format(a.info.prompt_format, self.loaded.tokenizer)
             for a in resident
@@ -175,12 +145,9 @@ class Engine:
         }
         # Prefix cache blocks are keyed by the adapter's weights, never its id alone.
         identity = {a.info.id: bytes.fromhex(a.info.content_hash) for a in resident}
-        self._runner.lora = banks
-        self._adapter_index = banks.index if banks is not None else {}
+        self._adapter_index = self.executor.use_adapters(resident)
         self._adapter_identity = identity
         self.tokenization.adapter_formats = formats
-        if self._graphs is not None:
-            self._graphs.invalidate()  # captured graphs read the old banks
         with self._cond:
             for sequence in [*self._running, *self._waiting]:
                 sequence.adapter_index = self._adapter_index.get(sequence.request.adapter_id, -1)
@@ -270,10 +237,10 @@ class Engine:
             self._context,
             constraint=constraint,
         )
-        if sequence.reservation > self.kv.capacity_tokens:
+        if sequence.reservation > self.executor.capacity_tokens:
             raise InvalidRequest(
                 f"prompt plus max_new_tokens is {sequence.reservation} tokens, more than the whole KV cache holds "
-                f"({self.kv.capacity_tokens}); lower max_new_tokens, or raise the server's --kv-cache-memory",
+                f"({self.executor.capacity_tokens}); lower max_new_tokens, or raise the server's --kv-cache-memory",
                 "stopping.max_new_tokens",
             )
         with self._cond:
@@ -310,10 +277,10 @@ class Engine:
                 generated_tokens=self._generated_tokens,
                 completed_requests=self._completed,
                 uptime_seconds=time.monotonic() - self._started_at,
-                kv_cache_tokens=self.kv.capacity_tokens,
-                kv_cache_used_tokens=usage.used_blocks * self.kv.block_size,
+                kv_cache_tokens=self.executor.capacity_tokens,
+                kv_cache_used_tokens=usage.used_blocks * self.executor.block_size,
                 kv_cache_blocks=usage.total_blocks,
-                kv_cache_block_size=self.kv.block_size,
+                kv_cache_block_size=self.executor.block_size,
                 kv_cache_used_blocks=usage.used_blocks,
                 kv_cache_cached_blocks=usage.cached_blocks,
                 prefix_caching=self.blocks.prefix_caching,
@@ -331,7 +298,7 @@ class Engine:
         self.check_accepting()
         where = f"adapter {spec.id} ({spec.public_source})"  # clients never see the server's paths
         try:
-            adapter = read_adapter_from(spec, self.loaded.model, cache, version, where)
+            adapter = self.executor.read_adapter(spec, cache, version, where)
             if adapter.info.prompt_format:  # refused here, not later on the engine thread
                 load_prompt_format(adapter.info.prompt_format, self.loaded.tokenizer)
         except (ConfigError, ValueError) as error:
@@ -404,14 +371,9 @@ class Engine:
         ids = self.tokenization.encode("Hello")
         table = BlockTable(BASE_MODEL_IDENTITY)
         self.blocks.allocate(table, ids, len(ids) + 1, count_query=False)
-        logits = self._forward([RowWork(table.blocks, ids, 0)])
-        self._forward([RowWork(table.blocks, (int(logits[0].argmax()),), len(ids))])
+        logits = self.executor.forward([RowWork(table.blocks, ids, 0)])
+        self.executor.forward([RowWork(table.blocks, (int(logits[0].argmax()),), len(ids))])
         self.blocks.free(table)
-
-    def _forward(self, work: list[RowWork]) -> torch.Tensor:
-        """One step on the model: a decode-only step through a captured CUDA graph when one applies."""
-        logits = self._graphs.step(work) if self._graphs is not None else None
-        return logits if logits is not None else self._runner.step(work)
 
     def _loop(self) -> None:
         """Turns until stop(). Nothing one request or adapter brings ends it: a failure ends that request (or that
@@ -495,7 +457,7 @@ class Engine:
         """Run one forward pass for the planned work; sample for the requests that produced logits."""
         started = time.perf_counter()
         try:
-            logits = self._forward([row_work for _, row_work in work])
+            logits = self.executor.forward([row_work for _, row_work in work])
             sampling = []
             for sequence, row_work in work:
                 sequence.cached = row_work.end

@@ -8,7 +8,7 @@ import time
 from collections import deque
 
 from loraserve.server.engine.block_manager import BlockManager
-from loraserve.server.engine.sequence import Sequence
+from loraserve.server.engine.sequence import GenerationSequence
 from loraserve.server.engine.step_budget import StepBudget
 from loraserve.server.models.types import RowWork
 
@@ -21,13 +21,13 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.budget = budget
 
-    def admit(self, waiting: deque[Sequence], running: list[Sequence]) -> list[Sequence]:
+    def admit(self, waiting: deque[GenerationSequence], running: list[GenerationSequence]) -> list[GenerationSequence]:
         """Move requests from the front of `waiting` into `running` while the batch and the cache have room.
 
         Strictly first come, first served: a request that does not fit holds back the ones behind it, so a long
         request is never starved by a stream of short ones. A request is given the blocks for everything it must
         feed (reusing cached prefix blocks), and one block per running request stays free so that they can grow."""
-        admitted: list[Sequence] = []
+        admitted: list[GenerationSequence] = []
         while waiting and len(running) < self.max_batch_size:
             sequence = waiting[0]
             first = sequence.cached_prompt_tokens is None
@@ -44,11 +44,13 @@ class Scheduler:
             admitted.append(sequence)
         return admitted
 
-    def release(self, sequence: Sequence) -> None:
+    def release(self, sequence: GenerationSequence) -> None:
         """Free a finished request's blocks (those holding a known prefix stay cached)."""
         self.blocks.free(sequence.table)
 
-    def plan(self, running: list[Sequence]) -> tuple[list[tuple[Sequence, RowWork]], list[Sequence]]:
+    def plan(
+        self, running: list[GenerationSequence]
+    ) -> tuple[list[tuple[GenerationSequence, RowWork]], list[GenerationSequence]]:
         """The work of the next step, and the requests preempted (taken out of `running`) to make room for it,
         newest first.
 
@@ -56,14 +58,14 @@ class Scheduler:
         request is preempted: its blocks are freed and it is recomputed when admitted again (its full blocks stay in
         the prefix cache, so mostly they are found there). Prompt tokens then fill the step up to the budget, oldest
         request first."""
-        preempted: list[Sequence] = []
+        preempted: list[GenerationSequence] = []
         for sequence in [s for s in running if s.pending == 1]:
             while sequence in running and not self.blocks.grow(sequence.table, sequence.cached + 1):
                 victim = running.pop()
                 self.blocks.free(victim.table)
                 victim.preempted()
                 preempted.append(victim)
-        work: list[tuple[Sequence, RowWork]] = []
+        work: list[tuple[GenerationSequence, RowWork]] = []
         for sequence in running:
             if sequence.pending == 1:
                 row = RowWork(sequence.table.blocks, sequence.next_tokens(1), sequence.cached, sequence.adapter_index)

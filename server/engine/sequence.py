@@ -36,7 +36,7 @@ class SequenceContext:
     log_prompts: bool = False  # put prompt and output text in the "request finished" log line
 
 
-class Sequence:
+class GenerationSequence:
     """A request being generated. Only the engine thread calls its methods, except `cancel`."""
 
     def __init__(

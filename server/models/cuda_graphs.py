@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.server.models.decoder import DecoderRunner
 from loraserve.server.models.kv_blocks import SCRATCH_BLOCK
-from loraserve.server.models.runner import ModelRunner
 from loraserve.server.models.types import RowWork
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def blocks_bucket(blocks: int) -> int:
 class DecodeGraphs:
     """Runs decode-only steps through per-bucket static buffers, replaying a captured CUDA graph when capturing."""
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int, capture: bool) -> None:
+    def __init__(self, runner: DecoderRunner, max_batch_size: int, capture: bool) -> None:
         self.runner = runner
         self.capture = capture
         self.batch_buckets = (*(b for b in BATCH_BUCKETS if b < max_batch_size), max_batch_size)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from loraserve.bundled import bundled_path
 from loraserve.config import ModelConfig
@@ -25,9 +25,10 @@ from loraserve.errors import ConfigError, InvalidRequest
 from loraserve.files import exclusive
 from loraserve.prompting import PromptFormat, load_prompt_format
 from loraserve.server.models import preflight
-from loraserve.server.models.adapters import AdapterSpec, public_source
-from loraserve.server.models.lora import LoraAdapter, read_adapter
-from loraserve.server.models.registry import Linear, runner_class
+from loraserve.server.models.adapters.files import LoraAdapter, read_adapter
+from loraserve.server.models.adapters.spec import AdapterSpec, public_source
+from loraserve.server.models.decoder import Linear, prepare_linears, projection_features
+from loraserve.server.models.families import family_for
 from loraserve.server.models.types import ModelDescription
 from loraserve.storage import VERSION_RULE, S3Location, StorageError, fetch, is_valid_version
 
@@ -176,7 +177,7 @@ def read_adapter_from(
     not merged into the weights. Errors start with `where` (default: the --adapter flag)."""
     if version and not is_valid_version(version):  # it would name a folder of the cache
         raise InvalidRequest(f"{version[:200]!r} is not a version: use {VERSION_RULE}", "version")
-    features = runner_class(model).projection_features(model)
+    features = projection_features(model)
     where = where or f"--adapter {spec.id}={spec.path}"
     s3_version, local = "", spec
     if spec.path.startswith("s3://"):
@@ -193,10 +194,6 @@ def read_adapter_from(
 def _max_sequence_length(model: PreTrainedModel, configured: int) -> int:
     config = model.config
     length = int(getattr(config, "max_position_embeddings", 0) or 2048)
-    # Within its sliding window, a sliding-window model attends exactly like a full-attention one.
-    window = getattr(config, "sliding_window", None)
-    if window:
-        length = min(length, int(window))
     return min(length, configured) if configured else length
 
 
@@ -215,6 +212,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     quantization = quantization_config(config.quantize, device, dtype)
     folder, name = resolve_model_folder(config.model, Path(config.model_cache))
+    # Refused by name before any weight is read: an architecture without a family, or a setting the runner lacks.
+    family_for(AutoConfig.from_pretrained(folder, trust_remote_code=False))
     logger.info(
         "loading model", extra={"model": name, "folder": str(folder), "device": str(device), "dtype": str(dtype)}
     )
@@ -223,14 +222,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
         dtype=dtype,
         use_safetensors=True,
         trust_remote_code=False,
-        attn_implementation="sdpa",
+        # The runner does its own attention; "eager" is the one every architecture accepts (Gemma 2 refuses sdpa).
+        attn_implementation="eager",
         quantization_config=quantization,
         device_map={"": device} if quantization is not None else None,
     )
     if quantization is None:
         model = model.to(device)
     model.eval()
-    runner = runner_class(model)  # refuses an architecture no runner implements, before anything else loads
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     try:
         adapters = [read_adapter_from(spec, model, Path(config.model_cache)) for spec in specs]
@@ -251,7 +250,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     )
     return LoadedModel(
         model=model,
-        linears=runner.prepare_linears(model),
+        linears=prepare_linears(model),
         tokenizer=tokenizer,
         prompt_format=load_prompt_format(config.prompt_format, tokenizer),
         lora_adapters=tuple(adapters),

@@ -7,11 +7,16 @@
 
    Layout (server/models/kv_blocks.py): keys and values of a layer are [num_blocks, block_size, kv_heads, head_dim]
    float32; query heads h * groups .. (h + 1) * groups - 1 share kv head h. Built for the CPU at start-up by
-   native.py. */
+   native.py.
+
+   Gemma 2's two extras cost nothing when off: a sliding window only moves where the sweep starts (from the first
+   position in the window, so the blocks before it are never read), and the score soft cap is one more pass over a
+   head's scores, skipped when the cap is 0. */
 
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 /* scores[g * stride + j] = scale * q_g . k_j for G query heads of width D and a block's first `count` keys. D and G
@@ -71,21 +76,23 @@ static inline __attribute__((always_inline)) void accumulate_block(float *restri
         else call(128, 2);                                                                                           \
     }
 
-/* One pass over a sequence's first `length` positions, block by block, for the query heads of kv heads
+/* One pass over a sequence's positions [first, length), block by block, for the query heads of kv heads
    [kv_first, kv_last): score the keys into `scores` (pool = keys, accumulate = 0), or add the values weighted by
-   `scores` into `out` (pool = values, accumulate = 1). Inlined with `accumulate` a constant. */
+   `scores` into `out` (pool = values, accumulate = 1); position p's score is column p - first. Inlined with
+   `accumulate` a constant. */
 static inline __attribute__((always_inline)) void sweep(const float *restrict q, const float *restrict pool,
-    const int64_t *restrict table, int64_t length, float *restrict out, float *restrict scores, int64_t stride,
-    int64_t kv_first, int64_t kv_last, int64_t groups, int64_t row_floats, int64_t block_size, float scale, int D,
-    const int accumulate) {
+    const int64_t *restrict table, int64_t first, int64_t length, float *restrict out, float *restrict scores,
+    int64_t stride, int64_t kv_first, int64_t kv_last, int64_t groups, int64_t row_floats, int64_t block_size,
+    float scale, int D, const int accumulate) {
     const int64_t most = MAX_GROUP(D), first_head = kv_first * groups;
-    for (int64_t start = 0, b = 0; start < length; start += block_size, b++) {
-        const int64_t count = length - start < block_size ? length - start : block_size;
-        const float *block = pool + table[b] * block_size * row_floats;
+    for (int64_t b = first / block_size; b * block_size < length; b++) {
+        const int64_t start = b * block_size > first ? b * block_size : first;
+        const int64_t end = (b + 1) * block_size < length ? (b + 1) * block_size : length, count = end - start;
+        const float *block = pool + (table[b] * block_size + start - b * block_size) * row_floats;
         for (int64_t kv = kv_first; kv < kv_last; kv++)
             for (int64_t g = 0; g < groups; g += most) {
                 const int64_t h = kv * groups + g, n = groups - g < most ? groups - g : most;
-                float *s = scores + (h - first_head) * stride + start;
+                float *s = scores + (h - first_head) * stride + start - first;
 #define SCORE(D_, G_) score_block(q + h * D_, block + kv * D_, count, s, stride, row_floats, scale, D_, G_)
 #define ACCUMULATE(D_, G_) accumulate_block(out + h * D_, block + kv * D_, count, s, stride, row_floats, D_, G_)
                 if (accumulate) {
@@ -99,43 +106,49 @@ static inline __attribute__((always_inline)) void sweep(const float *restrict q,
     }
 }
 
-/* One sequence: the query heads of kv heads [kv_first, kv_last) attend its first `length` positions. scores holds
+/* One sequence: the query heads of kv heads [kv_first, kv_last) attend its positions [first, length). scores holds
    (kv_last - kv_first) * groups rows of `stride` floats. */
 static void attend(const float *restrict q, const float *restrict keys, const float *restrict values,
-    const int64_t *restrict table, int64_t length, float *restrict out, float *restrict scores, int64_t kv_first,
-    int64_t kv_last, int64_t groups, int64_t row_floats, int64_t block_size, float scale, int D) {
-    const int64_t stride = (length + LANES - 1) / LANES * LANES;
+    const int64_t *restrict table, int64_t first, int64_t length, float *restrict out, float *restrict scores,
+    int64_t kv_first, int64_t kv_last, int64_t groups, int64_t row_floats, int64_t block_size, float scale,
+    float softcap, int D) {
+    const int64_t span = length - first, stride = (span + LANES - 1) / LANES * LANES;
     const int64_t first_head = kv_first * groups, heads = (kv_last - kv_first) * groups;
     memset(out + first_head * D, 0, sizeof(float) * heads * D);
-    if (length <= 0) return;
-    sweep(q, keys, table, length, out, scores, stride, kv_first, kv_last, groups, row_floats, block_size, scale, D, 0);
+    if (span <= 0) return;
+    sweep(q, keys, table, first, length, out, scores, stride, kv_first, kv_last, groups, row_floats, block_size, scale,
+          D, 0);
     vi lane;
     for (int i = 0; i < LANES; i++) lane[i] = i;
     for (int64_t h = 0; h < heads; h++) {
-        /* positions past `length` in the last vector hold stale floats: masked out of the maximum, zero weights */
+        /* columns past `span` in the last vector hold stale floats: masked out of the maximum, zero weights */
         float *s = scores + h * stride;
+        if (softcap > 0.0f) {
+            const float inverse_cap = 1.0f / softcap;
+            for (int64_t p = 0; p < stride; p += LANES) store(s + p, softcap * tanh_approx(load(s + p) * inverse_cap));
+        }
         vf top = splat(-3.0e38f);
         for (int64_t p = 0; p < stride; p += LANES)
-            top = vmax(top, pick(lane + (int32_t)p < (int32_t)length, load(s + p), splat(-3.0e38f)));
+            top = vmax(top, pick(lane + (int32_t)p < (int32_t)span, load(s + p), splat(-3.0e38f)));
         const float m = hmax(top);
         vf total = splat(0.0f);
         for (int64_t p = 0; p < stride; p += LANES) {
-            vf e = pick(lane + (int32_t)p < (int32_t)length, exp_nonpositive(load(s + p) - m), splat(0.0f));
+            vf e = pick(lane + (int32_t)p < (int32_t)span, exp_nonpositive(load(s + p) - m), splat(0.0f));
             store(s + p, e);
             total += e;
         }
         const vf inverse = splat(1.0f / hsum(total));
         for (int64_t p = 0; p < stride; p += LANES) store(s + p, load(s + p) * inverse);
     }
-    sweep(q, values, table, length, out, scores, stride, kv_first, kv_last, groups, row_floats, block_size, scale, D, 1);
+    sweep(q, values, table, first, length, out, scores, stride, kv_first, kv_last, groups, row_floats, block_size,
+          scale, D, 1);
 }
 
-/* q, out: [rows, heads, head_dim]; keys, values: one layer's blocks; tables: [rows, table_width] block ids; lengths:
-   [rows] positions each row attends (at most table_width * block_size). Returns 0; 1 when scratch memory could not
-   be allocated; 2 for a head_dim other than 16, 32, 64 or 128. Runs on `threads` OpenMP threads. */
+/* Declared, with its arguments, in kernels.h. Runs on `threads` OpenMP threads. */
 int paged_decode_attention(const float *q, const float *keys, const float *values, const int64_t *tables,
                            const int64_t *lengths, float *out, int64_t rows, int64_t table_width, int64_t heads,
-                           int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, int threads) {
+                           int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float softcap,
+                           int64_t window, int threads) {
     if (head_dim != 16 && head_dim != 32 && head_dim != 64 && head_dim != 128) return 2;
     const int64_t groups = heads / kv_heads, split = rows < 2 * threads ? kv_heads : 1, per_task = kv_heads / split;
     int failed = 0;
@@ -149,10 +162,11 @@ int paged_decode_attention(const float *q, const float *keys, const float *value
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < rows * split; task++) {
             if (scores == NULL) continue;
-            const int64_t row = task / split, part = task % split;
-            attend(q + row * heads * head_dim, keys, values, tables + row * table_width, lengths[row],
+            const int64_t row = task / split, part = task % split, length = lengths[row];
+            const int64_t first = window > 0 && length > window ? length - window : 0;
+            attend(q + row * heads * head_dim, keys, values, tables + row * table_width, first, length,
                    out + row * heads * head_dim, scores, part * per_task, (part + 1) * per_task, groups,
-                   kv_heads * head_dim, block_size, scale, (int)head_dim);
+                   kv_heads * head_dim, block_size, scale, softcap, (int)head_dim);
         }
         free(scores);
     }

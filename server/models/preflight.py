@@ -4,11 +4,13 @@ torch and transformers; the loaders run the same functions on what they load."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
-from loraserve.server.models.adapters import AdapterSpec
+from loraserve.server.models.adapters.spec import AdapterSpec
+from loraserve.server.models.families import family_named
 
 
 def adapter_specs(config: ModelConfig) -> list[AdapterSpec]:
@@ -32,8 +34,20 @@ def local_model_path(source: str) -> Path | None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"--model {source}: the folder has no config.json, so it is not a Hugging Face model")
+        check_architecture(path / "config.json", f"--model {source}")
         return path
     raise ConfigError(f"--model {source}: not 'default', a model folder, or a .gguf file")
+
+
+def check_architecture(config_file: Path, where: str) -> None:
+    """config.json names a model type loraserve has a family for (its settings are checked once it is loaded)."""
+    try:
+        config = json.loads(config_file.read_bytes())
+    except (OSError, ValueError, RecursionError) as error:
+        raise ConfigError(f"{where}: config.json cannot be read as JSON ({type(error).__name__})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: config.json must be a JSON object")
+    family_named(config.get("model_type"), config.get("architectures"), where)
 
 
 def check_adapter_folder(folder: Path, where: str) -> None:

@@ -1,5 +1,6 @@
 /* What loraserve's C kernels share: 16-float vectors in GCC's vector extensions, which the compiler maps onto whatever
-   the CPU has (AVX-512, AVX2, AVX or SSE) under -march=native, and an exponential the compiler can vectorise. */
+   the CPU has (AVX-512, AVX2, AVX or SSE) under -march=native, and an exponential, a sigmoid and a tanh the compiler
+   can vectorise. */
 
 #ifndef LORASERVE_SIMD_H
 #define LORASERVE_SIMD_H
@@ -42,6 +43,30 @@ static inline vf exp_nonpositive(vf x) {
     p = p * f + 6.931472028550421e-1f;
     p = p * f + 1.0f;
     return (vf)((vi)p + (__builtin_convertvector(n, vi) << 23));
+}
+
+/* 1 / (1 + e^-x), from e^-|x| so the exponential never overflows. */
+static inline vf sigmoid(vf x) {
+    const vi positive = x > 0.0f;
+    const vf e = exp_nonpositive(pick(positive, -x, x));
+    return pick(positive, 1.0f / (1.0f + e), e / (1.0f + e));
+}
+
+/* tanh as Cephes' tanhf (https://www.netlib.org/cephes/, single/tanhf.c; relative error below 2e-7 here): an odd
+   polynomial below |x| = 0.625, where (1 - e) / (1 + e) with e = e^-2|x| would lose digits to cancellation, that
+   quotient above. */
+static inline vf tanh_approx(vf x) {
+    const vi negative = x < 0.0f;
+    const vf a = pick(negative, -x, x), z = x * x;
+    vf p = splat(-5.70498872745e-3f);
+    p = p * z + 2.06390887954e-2f;
+    p = p * z - 5.37397155531e-2f;
+    p = p * z + 1.33314422036e-1f;
+    p = p * z - 3.33332819422e-1f;
+    const vf e = exp_nonpositive(-2.0f * a);
+    const vf large = (1.0f - e) / (1.0f + e);
+    const vf t = pick(a > 0.625f, large, p * z * a + a);
+    return pick(negative, -t, t);
 }
 
 #endif

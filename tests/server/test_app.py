@@ -187,14 +187,14 @@ def test_rag_query_cites_matching_documents_and_admits_ignorance(tiny_server) ->
 
 def slow_down(running, monkeypatch, seconds_per_step: float = 0.01) -> None:
     """Make every decode step of the server's engine take a while, so timing-dependent tests are deterministic."""
-    runner = running.server.engine._runner
-    step = runner.step
+    runner = running.server.engine.executor
+    step = runner.forward
 
     def slow_step(work):
         time.sleep(seconds_per_step)
         return step(work)
 
-    monkeypatch.setattr(runner, "step", slow_step)
+    monkeypatch.setattr(runner, "forward", slow_step)
 
 
 def test_deadline_exceeded_frees_the_request(start_server, monkeypatch) -> None:
@@ -312,7 +312,7 @@ def test_a_dead_engine_turns_health_not_serving(start_server, monkeypatch) -> No
     def broken_step(work):  # type: ignore[no-untyped-def]
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    monkeypatch.setattr(engine._runner, "step", broken_step)
+    monkeypatch.setattr(engine.executor, "forward", broken_step)
     with pytest.raises(LoraserveRpcError) as error:
         running.client.generate("hi", max_new_tokens=50, min_new_tokens=50)
     assert error.value.code == grpc.StatusCode.UNAVAILABLE

@@ -10,7 +10,7 @@ from loraserve.errors import InvalidRequest
 from loraserve.prompting import Message
 from loraserve.server import convert
 from loraserve.server.engine.outputs import GenerationChunk, GenerationResult, StopReason, TokenDetail, TopToken
-from loraserve.server.models.adapters import AdapterInfo
+from loraserve.server.models.adapters.spec import AdapterInfo
 from loraserve.server.retrieval.rag import RagAnswer, Source
 from loraserve.server.retrieval.search import Hit
 from loraserve.server.retrieval.store import StoredPassage

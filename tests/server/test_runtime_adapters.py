@@ -18,7 +18,7 @@ import pytest
 from loraserve.client import LoraserveRpcError
 from loraserve.config import ModelConfig
 from loraserve.errors import InvalidRequest, PermissionDenied
-from loraserve.server.adapter_sources import resolve_source
+from loraserve.server.models.adapters.sources import resolve_source
 from loraserve.storage import S3Location, push, s3_client, write_manifest
 from loraserve.v1 import inference_pb2 as pb
 from loraserve.v1 import inference_pb2_grpc as pb_grpc

@@ -54,14 +54,14 @@ def test_an_error_after_unread_chunks_still_arrives_after_them() -> None:
 
 def gate_steps(running, monkeypatch) -> threading.Event:  # type: ignore[no-untyped-def]
     """Every engine step waits for the returned event: the test decides when the batch moves on."""
-    runner = running.server.engine._runner
-    step, gate = runner.step, threading.Event()
+    runner = running.server.engine.executor
+    step, gate = runner.forward, threading.Event()
 
     def gated(work):  # type: ignore[no-untyped-def]
         gate.wait(HANG_GUARD_S)
         return step(work)
 
-    monkeypatch.setattr(runner, "step", gated)
+    monkeypatch.setattr(runner, "forward", gated)
     return gate
 
 
@@ -121,9 +121,9 @@ def test_an_http_stream_whose_client_stops_reading_is_cancelled(start_server, mo
     caplog.set_level(logging.INFO, logger="loraserve")
     running = start_server()
     engine = running.server.engine
-    step = engine._runner.step
+    step = engine.executor.forward
     # 200 steps of at least 50 ms: the rows can only end early by being cancelled (a slower machine is slower still)
-    monkeypatch.setattr(engine._runner, "step", lambda work: (time.sleep(0.05), step(work))[1])
+    monkeypatch.setattr(engine.executor, "forward", lambda work: (time.sleep(0.05), step(work))[1])
     api = HttpApi(lambda: engine, lambda: True, AccessInterceptor(ServerConfig()), None, 1 << 20, 0.5)
     app = api.build()
     body = json.dumps(

@@ -18,7 +18,7 @@ from loraserve.prompting import Message
 from loraserve.server.engine.engine import Engine, EngineState
 from loraserve.server.engine.outputs import GenerationChunk, StopReason
 from loraserve.server.engine.params import GenerationRequest, OutputOptions, SamplingParams, StoppingParams
-from loraserve.server.models.adapters import AdapterSpec
+from loraserve.server.models.adapters.spec import AdapterSpec
 from tests.conftest import HANG_GUARD_S, EngineGate
 
 PROMPTS = [
@@ -270,18 +270,18 @@ def test_drain_refuses_new_requests_and_finishes_old_ones(make_engine, monkeypat
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, monkeypatch) -> None:
     engine = make_engine(max_consecutive_failed_steps=2)
-    runner = engine._runner
-    real_step = runner.step
-    monkeypatch.setattr(runner, "step", lambda work: (_ for _ in ()).throw(RuntimeError("boom")))
+    runner = engine.executor
+    real_step = runner.forward
+    monkeypatch.setattr(runner, "forward", lambda work: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(ModelFailure, match="the model failed while running this request"):
         engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result()
-    monkeypatch.setattr(runner, "step", real_step)
+    monkeypatch.setattr(runner, "forward", real_step)
     assert engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result().generated_token_count == 5
     # A success in between resets the count: one more failure is still not the model's fault.
-    monkeypatch.setattr(runner, "step", lambda work: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(runner, "forward", lambda work: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(ModelFailure):
         engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result()
-    monkeypatch.setattr(runner, "step", real_step)
+    monkeypatch.setattr(runner, "forward", real_step)
     assert engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result().generated_token_count == 5
     assert engine.alive
 
@@ -299,7 +299,7 @@ def test_steps_that_keep_failing_end_the_engine_after_the_configured_count(tiny_
         calls.append(1)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(engine._runner, "step", sticky_fault)
+    monkeypatch.setattr(engine.executor, "forward", sticky_fault)
     for _ in range(2):
         with pytest.raises(ModelFailure):
             engine.submit(GenerationRequest(prompt="x", stopping=exact(5))).result()
@@ -362,13 +362,13 @@ def test_long_prompts_are_prefilled_in_chunks(make_engine, reference, monkeypatc
     engine = make_engine(max_prefill_tokens=16)
     long_prompt = " ".join(f"word{i}" for i in range(60))
     runner_calls: list[int] = []
-    step = engine._runner.step
+    step = engine.executor.forward
 
     def counting_step(work):
         runner_calls.append(sum(len(w.tokens) for w in work if len(w.tokens) > 1))
         return step(work)
 
-    engine._runner.step = counting_step
+    engine.executor.forward = counting_step
     with EngineGate(engine, monkeypatch) as gate:
         gate.hold_after_tokens(1)  # the long prompt comes while the other request decodes (one token taken)
         decoding = engine.submit(with_ids(prompt=PROMPTS[0], stopping=exact(30)))
@@ -385,7 +385,7 @@ def test_fixed_shape_decode_steps_match_generate(make_engine, reference) -> None
     from loraserve.server.models.cuda_graphs import DecodeGraphs
 
     engine = make_engine(max_batch_size=6)
-    graphs = DecodeGraphs(engine._runner, max_batch_size=6, capture=False)
+    graphs = DecodeGraphs(engine.executor.runner, max_batch_size=6, capture=False)
     used: list[int] = []
     graph_step = graphs.step
 
@@ -395,7 +395,7 @@ def test_fixed_shape_decode_steps_match_generate(make_engine, reference) -> None
         return logits
 
     graphs.step = counting
-    engine._graphs = graphs
+    engine.executor._graphs = graphs
     cases = [("", PROMPTS[0]), ("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("", PROMPTS[4]), ("alpha", PROMPTS[3])]
     streams = [
         engine.submit(with_ids(prompt=p, adapter_id=a, stopping=exact(10 + i))) for i, (a, p) in enumerate(cases)
@@ -408,7 +408,7 @@ def test_fixed_shape_decode_steps_match_generate(make_engine, reference) -> None
 def test_nan_scores_in_one_row_fail_that_request_and_the_batch_goes_on(make_engine, monkeypatch) -> None:
     """A row whose logits are NaN (an adapter gone wrong, a float16 overflow) fails its own request only."""
     engine = make_engine()
-    real_step = engine._runner.step
+    real_step = engine.executor.forward
 
     def poisoned_step(work: list) -> torch.Tensor:
         logits = real_step(work).clone()
@@ -419,7 +419,7 @@ def test_nan_scores_in_one_row_fail_that_request_and_the_batch_goes_on(make_engi
                 logits[i] = float("nan")
         return logits
 
-    monkeypatch.setattr(engine._runner, "step", poisoned_step)
+    monkeypatch.setattr(engine.executor, "forward", poisoned_step)
     healthy = [engine.submit(GenerationRequest(prompt=p, stopping=exact(12))) for p in PROMPTS[:2]]
     poisoned = engine.submit(GenerationRequest(prompt=PROMPTS[2], stopping=exact(12), request_id="poison"))
     with pytest.raises(ModelFailure, match="NaN or infinite"):
@@ -433,17 +433,17 @@ def test_a_load_whose_banks_cannot_be_built_fails_alone_and_the_resident_adapter
 ) -> None:
     """Building the LoRA banks runs on the engine thread: an error there (out of device memory, say) is the load's
     status, never the engine's end."""
-    import loraserve.server.engine.engine as engine_module
+    import loraserve.server.models.executor as executor_module
 
     engine = make_engine()
-    real_banks = engine_module.LoraBanks
+    real_banks = executor_module.LoraBanks
 
     def banks(adapters, *args):  # type: ignore[no-untyped-def]
         if any(a.info.id == "huge" for a in adapters):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_banks(adapters, *args)
 
-    monkeypatch.setattr(engine_module, "LoraBanks", banks)
+    monkeypatch.setattr(executor_module, "LoraBanks", banks)
     before = engine.submit(GenerationRequest(prompt=PROMPTS[0], adapter_id="alpha", stopping=exact(6))).result()
     with pytest.raises(QueueFull, match="does not fit in the device's memory"):
         engine.load_adapter(AdapterSpec("huge", str(adapter_dirs["beta"])), tmp_path, None, None)

@@ -12,7 +12,7 @@ import pytest
 from loraserve.errors import InvalidRequest
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.params import GenerationRequest, OutputOptions, StoppingParams
-from loraserve.server.models.adapters import AdapterSpec
+from loraserve.server.models.adapters.spec import AdapterSpec
 from tests.conftest import HANG_GUARD_S, EngineGate, wait_for
 
 SYSTEM = "You are a careful assistant. " * 12  # a shared head of ~70 tokens: four full blocks of 16
@@ -34,7 +34,7 @@ def ids(result) -> list[int]:  # type: ignore[no-untyped-def]
 def blocks_of(make_engine, tokens: int) -> str:  # type: ignore[no-untyped-def]
     """A --kv-cache-memory that holds `tokens` positions (plus the scratch block) of the tiny model."""
     probe = make_engine()
-    return str((tokens + probe.kv.block_size) * probe.kv.shape.bytes_per_token)
+    return str((tokens + probe.executor.kv.block_size) * probe.executor.kv.shape.bytes_per_token)
 
 
 def test_finished_requests_leave_no_block_in_use(make_engine, reference) -> None:

@@ -12,7 +12,7 @@ import pytest
 from loraserve.config import ModelConfig
 from loraserve.errors import ConfigError
 from loraserve.server.models import loading
-from loraserve.server.models.adapters import AdapterSpec, is_valid_adapter_id
+from loraserve.server.models.adapters.spec import AdapterSpec, is_valid_adapter_id
 from tests.conftest import HANG_GUARD_S
 
 
@@ -164,7 +164,7 @@ def test_adapters_must_be_safetensors_lora_and_unique(
     ("tensors", "message"),
     [
         ({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (4, 64)}, "unsupported adapter weight"),
-        ({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": (4, 64)}, "no layer 9 q_proj"),
+        ({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": (4, 64)}, r"no layer 9 \(it has 2\)"),
         (
             {
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 128),

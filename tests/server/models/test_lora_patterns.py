@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from loraserve.errors import ConfigError
-from loraserve.server.models.adapters import AdapterSpec
-from loraserve.server.models.lora import read_adapter
+from loraserve.server.models.adapters.files import read_adapter
+from loraserve.server.models.adapters.spec import AdapterSpec
 
 PROJECTIONS = {"q_proj": (64, 64), "v_proj": (64, 32)}  # the tiny model's (conftest.tiny_llama_config)
 

@@ -1,11 +1,15 @@
 """The native kernels. Decode attention against attention computed plainly in float64 over each sequence's blocks:
 every head width and query-group size it specialises, blocks in any order, lengths on and off block boundaries, one
-thread and several. RMSNorm, RoPE and SwiGLU against transformers' and torch's own. And how --kernels chooses them
-or falls back, with the reason."""
+thread and several, Gemma 2's soft cap, sliding window and scale. RMSNorm, RoPE, SwiGLU and GeGLU against
+transformers' and torch's own. The C interface declared once: kernels.h is parsed strictly, a definition that differs
+from it does not build, and a call with the wrong arguments raises before it runs. And how --kernels chooses them or
+falls back, with the reason."""
 
 from __future__ import annotations
 
 import logging
+import re
+from importlib import resources
 
 import pytest
 import torch
@@ -17,18 +21,22 @@ from loraserve.server.models.kv_blocks import CacheShape, PagedKVCache
 CPU = torch.device("cpu")
 
 
-def reference(q, keys, values, tables, lengths):  # type: ignore[no-untyped-def]
-    """softmax(q k^T / sqrt(d)) v per sequence, in float64, reading its blocks in table order."""
+def reference(q, keys, values, tables, lengths, scale=None, softcap=0.0, window=0):  # type: ignore[no-untyped-def]
+    """softmax(cap(q k^T * scale)) v per sequence over its last `window` positions (all when 0), in float64, reading
+    its blocks in table order; scale 1 / sqrt(d) unless given, cap(s) = softcap * tanh(s / softcap) when softcap > 0."""
     rows, heads, head_dim = q.shape
     kv_heads = keys.shape[2]
     out = torch.empty(rows, heads, head_dim, dtype=torch.float64)
     for row in range(rows):
         length = int(lengths[row])
-        k = keys[tables[row]].reshape(-1, kv_heads, head_dim)[:length].double()  # [length, kv_heads, head_dim]
-        v = values[tables[row]].reshape(-1, kv_heads, head_dim)[:length].double()
+        first = max(0, length - window) if window else 0
+        k = keys[tables[row]].reshape(-1, kv_heads, head_dim)[first:length].double()  # [span, kv_heads, head_dim]
+        v = values[tables[row]].reshape(-1, kv_heads, head_dim)[first:length].double()
         group = heads // kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [length, heads, head_dim]
-        scores = torch.einsum("hd,phd->hp", q[row].double(), k) / head_dim**0.5
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [span, heads, head_dim]
+        scores = torch.einsum("hd,phd->hp", q[row].double(), k) * (head_dim**-0.5 if scale is None else scale)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         out[row] = torch.einsum("hp,phd->hd", scores.softmax(-1), v)
     return out
 
@@ -60,6 +68,54 @@ def test_the_kernel_matches_attention_over_each_sequences_blocks(
     q = torch.randn(rows, heads, head_dim, generator=generator) * 3  # sharper softmax than unit scale
     out = kernels.decode_attention(q, keys, values, tables, lengths)
     torch.testing.assert_close(out.double(), reference(q, keys, values, tables, lengths), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "kv_heads"), [(16, 4, 2), (32, 6, 3), (64, 9, 3), (64, 7, 1), (128, 6, 2), (128, 2, 2)]
+)
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize(
+    ("softcap", "window", "scale"),
+    [
+        (2.0, 0, None),  # a cap that bites: most scores are beyond it
+        (50.0, 0, 0.0625),  # Gemma 2's cap, with query_pre_attn_scalar ** -0.5 for 256
+        (0.0, 1, None),  # the last position only
+        (0.0, 7, None),  # shorter than some lengths, longer than others, on no block boundary
+        (30.0, 37, 0.2),  # all three
+    ],
+)
+def test_gemma2s_soft_cap_window_and_scale_match_the_reference(
+    kernels: native.NativeKernels,
+    head_dim: int,
+    heads: int,
+    kv_heads: int,
+    block_size: int,
+    softcap: float,
+    window: int,
+    scale: float | None,
+) -> None:
+    generator = torch.Generator().manual_seed(head_dim * 100 + heads * 10 + block_size + window)
+    rows, width, num_blocks = 9, 9, 90
+    keys = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    values = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    tables = (torch.randperm(num_blocks - 1, generator=generator)[: rows * width] + 1).view(rows, width)
+    choices = torch.tensor([1, block_size, block_size + 1, width * block_size, 2 * block_size - 1, 3, 40, 41, 6])
+    lengths = choices[torch.arange(rows) % len(choices)]
+    q = torch.randn(rows, heads, head_dim, generator=generator) * 3
+    out = kernels.decode_attention(q, keys, values, tables, lengths, scale=scale, softcap=softcap, window=window)
+    expected = reference(q, keys, values, tables, lengths, scale=scale, softcap=softcap, window=window)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_a_window_no_shorter_than_the_rows_changes_nothing(kernels: native.NativeKernels) -> None:
+    generator = torch.Generator().manual_seed(11)
+    keys, values = torch.randn(2, 20, 16, 2, 64, generator=generator)
+    tables = torch.randperm(19, generator=generator)[:12].add(1).view(4, 3)
+    lengths, q = torch.tensor([48, 47, 17, 1]), torch.randn(4, 6, 64, generator=generator)
+    unbounded = kernels.decode_attention(q, keys, values, tables, lengths)
+    assert torch.equal(kernels.decode_attention(q, keys, values, tables, lengths, window=48), unbounded)
+    with pytest.raises(ValueError, match=r"must be 0 \(off\) or positive"):
+        kernels.decode_attention(q, keys, values, tables, lengths, window=-1)
 
 
 def test_one_thread_and_two_give_the_same_result(kernels: native.NativeKernels) -> None:
@@ -142,6 +198,120 @@ def test_silu_mul_matches_torch_including_large_and_tiny_gates(
     out = kernels.silu_mul(gate_up)
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("rows", "width"), [(40, 1536), (3, 17)])  # parallel; a row shorter than one vector
+def test_gelu_tanh_mul_matches_torch_including_large_and_tiny_gates(
+    kernels: native.NativeKernels, rows: int, width: int
+) -> None:
+    generator = torch.Generator().manual_seed(rows * width + 1)
+    gate_up = torch.randn(rows, 2 * width, generator=generator) * 4
+    gate_up[0, :5] = torch.tensor([-200.0, 200.0, 0.0, -1e-30, 1e20])  # no overflow, no NaN at the extremes
+    gate, up = gate_up.chunk(2, -1)
+    out = kernels.gelu_tanh_mul(gate_up)
+    torch.testing.assert_close(out, torch.nn.functional.gelu(gate, approximate="tanh") * up)
+    assert torch.isfinite(out).all()
+
+
+HEADER = resources.files(native.__package__).joinpath(native.INTERFACE).read_text()
+
+
+def test_the_header_parses_into_what_it_declares() -> None:
+    prototypes = native.parse_prototypes(HEADER)
+    code = " ".join(re.sub(r"/\*.*?\*/", " ", HEADER, flags=re.DOTALL).split())
+    assert set(prototypes) == {"paged_decode_attention", "rms_norm", "rope", "silu_mul", "gelu_tanh_mul"}
+    for prototype in prototypes.values():
+        assert f"{prototype};" in code  # the parse, written back, is the declaration
+    assert prototypes["paged_decode_attention"].restype is native.ctypes.c_int
+    assert prototypes["silu_mul"].restype is None
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("void scale(double *x, int64_t n);", r"scale: parameter 'double \*x' is not a named"),
+        ("void fill(float *, int threads);", r"fill: parameter 'float \*' is not a named"),
+        ("void fill(float *x, unsigned int n);", "fill: parameter 'unsigned int n'"),
+        ("float norm(const float *x, int64_t n);", "norm returns float, not one of void, int"),
+        ("void f(int n); void f(int threads);", "f is declared twice"),
+        ("void f(int from, int n);", "f: from is a keyword, private or repeated in Python"),
+        ("void f(int n, float n);", "f: n is a keyword, private or repeated"),
+        ("void step(float *x, int64_t n)", "'void step.*' does not end with ';'"),
+        ("void each(void (*call)(int), int n);", "each: not a prototype"),
+        ("typedef float real;", "'typedef float real': not a prototype"),
+        ("#if X\nvoid f(int n);\n#endif", "only include guards and #include, not '#if X'"),
+    ],
+)
+def test_a_prototype_the_parser_does_not_read_is_refused_by_name(header: str, message: str) -> None:
+    with pytest.raises(native.KernelsUnavailable, match=message):
+        native.parse_prototypes(header)
+
+
+def package_texts() -> dict[str, str]:
+    package = resources.files(native.__package__)
+    return {name: package.joinpath(name).read_text() for name in native.SOURCES + native.HEADERS}
+
+
+def edited(name: str, old: str, new: str) -> dict[str, str]:
+    texts = package_texts()
+    assert old in texts[name]
+    texts[name] = texts[name].replace(old, new)
+    return texts
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (  # the definition's threads is an int64_t, the header's an int
+            edited(
+                "elementwise.c",
+                "void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int threads) {",
+                "void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int64_t threads) {",
+            ),
+            "could not build the kernels: .*conflicting types for .silu_mul",
+        ),
+        (  # a source that does not include the header
+            edited("elementwise.c", '#include "kernels.h"\n', ""),
+            "could not build the kernels: .*no previous prototype for .*rms_norm",
+        ),
+        (  # a declaration nothing defines
+            edited("kernels.h", "#endif", "void ghost(float *x, int threads);\n#endif"),
+            "kernels.h declares ghost, and no source defines it",
+        ),
+    ],
+)
+def test_sources_that_disagree_with_the_header_do_not_load(texts: dict[str, str], message: str) -> None:
+    with pytest.raises(native.KernelsUnavailable, match=message):
+        native.compile_sources("cc", texts)
+
+
+def test_a_call_with_a_wrong_argument_raises_before_it_runs(kernels: native.NativeKernels) -> None:
+    silu_mul = kernels.functions["silu_mul"]
+    gate_up, out = torch.ones(2, 8), torch.zeros(2, 4)
+    arguments = {"gate_up": gate_up, "out": out, "rows": 2, "width": 4, "threads": 1}
+    with pytest.raises(TypeError, match="takes at least 5 arguments"):  # ctypes itself, given the header's argtypes
+        silu_mul.c_function(gate_up.data_ptr(), out.data_ptr(), 2, 4)
+    wrong = [
+        ({**arguments, "threads": None}, "silu_mul: threads: argument 5"),
+        ({k: v for k, v in arguments.items() if k != "threads"}, "missing 1 required keyword-only argument: 'threads'"),
+        ({**arguments, "extra": 1}, "unexpected keyword argument 'extra'"),  # ctypes would pass it on
+        ({**arguments, "rows": 2.0}, "silu_mul: rows: argument 3"),
+        (
+            {**arguments, "out": torch.zeros(2, 4, dtype=torch.float64)},
+            r"out \(float \*\) must be a contiguous torch.float32 tensor on the CPU, not a contiguous torch.float64",
+        ),
+        ({**arguments, "out": torch.zeros(4, 2).t()}, "not a strided torch.float32"),
+        ({**arguments, "gate_up": gate_up.data_ptr()}, r"gate_up \(const float \*\) must be .*, not int"),
+    ]
+    for call, message in wrong:
+        with pytest.raises(TypeError, match=message):
+            silu_mul(**call)
+    assert torch.equal(out, torch.zeros(2, 4))  # nothing ran
+    silu_mul(**arguments)
+    torch.testing.assert_close(out, torch.nn.functional.silu(torch.ones(2, 4)))
+    x = torch.randn(3, 4, 32)[:, :2]  # rope_ works in place: it cannot copy a strided x
+    with pytest.raises(TypeError, match=r"rope: x \(float \*\) must be a contiguous"):
+        kernels.rope_(x, torch.ones(3, 32), torch.zeros(3, 32), 2)
 
 
 @pytest.mark.parametrize(

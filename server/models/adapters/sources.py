@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraserve.errors import ConfigError, InvalidRequest, PermissionDenied
-from loraserve.server.models.adapters import AdapterSpec, adapter_id_rule, is_valid_adapter_id
+from loraserve.server.models.adapters.spec import AdapterSpec, adapter_id_rule, is_valid_adapter_id
 from loraserve.storage import ArtifactNotFound, S3Location
 
 
