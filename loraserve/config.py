@@ -277,7 +277,8 @@ class EngineConfig:
     kernels: str = option(
         "auto",
         "native: C kernels, built for this CPU by its compiler (cc, or $CC) at start-up, run decode attention "
-        "(reading the KV blocks in place), RMSNorm, RoPE and SwiGLU (CPU, float32, head_dim 16, 32, 64 or 128); "
+        "(reading the KV blocks in place), RMSNorm, RoPE and SwiGLU or GeGLU (CPU, float32, head_dim 16, 32, 64, 128 "
+        "or 256); "
         "torch: PyTorch ops only; auto: native where they build and fit the model.",
         choices=("auto", "native", "torch"),
     )

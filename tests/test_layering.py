@@ -80,7 +80,7 @@ ENGINE_FROM_MODELS = {
     "loraserve.server.models.adapters.files": {"LoraAdapter"},
 }
 # The executor's state, which only the executor touches
-EXECUTOR_STATE = {"kv", "runner", "_graphs", "linears", "lora", "kernels"}
+EXECUTOR_STATE = {"kv", "runner", "_graphs", "linears", "lora", "kernels", "model"}
 
 
 def test_the_engine_reaches_the_model_side_only_through_the_executor() -> None:

@@ -138,7 +138,8 @@ class Norm:
         if kernels is not None:
             weight = module.weight.detach()
             self.weight = (weight + offset) if offset else weight
-            self.eps = float(getattr(module, "variance_epsilon", None) or module.eps)
+            eps = getattr(module, "variance_epsilon", None)
+            self.eps = float(module.eps if eps is None else eps)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is None:
@@ -233,9 +234,8 @@ class DecoderRunner:
             return Norm(module, kernels, family.norm_offset)
 
         layer_types = getattr(config, "layer_types", None) or []
-        sliding = family.windows == "all_layers" or (
-            index < len(layer_types) and layer_types[index] == SLIDING_ATTENTION
-        )
+        marked = index < len(layer_types) and layer_types[index] == SLIDING_ATTENTION
+        sliding = family.windows == "all_layers" or (family.windows == "layer_types" and marked)
         window = (getattr(config, "sliding_window", None) or 0) if sliding else 0
         if window >= config.max_position_embeddings:  # no sequence is longer: a window that never slides
             window = 0
@@ -496,6 +496,8 @@ class DecoderRunner:
         `window` positions, when window > 0). q: [n, heads, head_dim]; keys, values: [1, kv_heads, >= start + n,
         head_dim]."""
         n = q.shape[0]
+        if start + n <= window:  # the window reaches back to position 0: plain causal attention
+            window = 0
         queries = q.transpose(0, 1)[None]  # [1, heads, n, head_dim]
         k, v = keys[:, :, : start + n], values[:, :, : start + n]
         if start == 0 and not window and self.softcap is None:

@@ -213,7 +213,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
     quantization = quantization_config(config.quantize, device, dtype)
     folder, name = resolve_model_folder(config.model, Path(config.model_cache))
     # Refused by name before any weight is read: an architecture without a family, or a setting the runner lacks.
-    family_for(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    where = f"--model {config.model}"
+    preflight.check_architecture(folder / "config.json", where)  # again: an s3:// model is only now on disk
+    try:
+        model_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as error:  # transformers' own validation (layer_types of the wrong length, ...)
+        # raises ValueError, OSError or huggingface_hub's validation errors: each is a config the operator must fix
+        raise ConfigError(f"{where}: config.json: {' '.join(str(error).split())}") from None
+    family_for(model_config, where)
     logger.info(
         "loading model", extra={"model": name, "folder": str(folder), "device": str(device), "dtype": str(dtype)}
     )

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 SOURCES = ("paged_attention.c", "elementwise.c")
 INTERFACE = "kernels.h"
 HEADERS = (INTERFACE, "simd.h")
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_attention.c specialises these; 256 is Gemma 2's
 # missing-prototypes: an exported function must be declared in kernels.h (or its .c file forgot to include it)
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Werror=missing-prototypes")
 COMPILE_TIMEOUT_S = 120
@@ -204,7 +204,11 @@ def _refuse_number(prototype: Prototype, error: ctypes.ArgumentError) -> NoRetur
 
 class NativeKernels:
     """The compiled kernels on torch tensors: float32, on the CPU. The GIL is released while one runs (ctypes), and
-    each runs on torch's OpenMP threads: the library is loaded after torch, so its libgomp.so.1 is torch's."""
+    each runs on torch's OpenMP threads: the library is loaded after torch, so its libgomp.so.1 is torch's.
+
+    The C trusts the sizes it is given (kernels.h), and the generated callers check only types, so each method checks
+    the sizes first and raises ValueError for one the kernel would read or write out of bounds with: a few
+    comparisons, and for decode attention a min and max of the block tables and of the lengths (about 5 us)."""
 
     def __init__(self, library: ctypes.CDLL, prototypes: Mapping[str, Prototype]) -> None:
         self.functions: dict[str, Callable[..., Any]] = {}  # kernels.h's, by name: see caller
@@ -233,6 +237,7 @@ class NativeKernels:
         if softcap < 0 or window < 0:
             raise ValueError(f"decode attention: softcap {softcap} and window {window} must be 0 (off) or positive")
         q, tables, lengths = q.contiguous(), tables.contiguous(), lengths.contiguous()
+        _check_decode_attention(q, keys, values, tables, lengths)
         rows, heads, head_dim = q.shape
         _, block_size, kv_heads, _ = keys.shape
         out = torch.empty_like(q)
@@ -261,10 +266,12 @@ class NativeKernels:
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """weight * x / sqrt(mean(x^2, -1) + eps) for x [T, width]."""
+        """weight * x / sqrt(mean(x^2, -1) + eps) for x [T, width]; weight: [width]."""
         x = x.contiguous()
+        rows, width = _dimensions(x, "[rows, width]", "rms_norm: x")
+        if weight.numel() != width:
+            raise ValueError(f"rms_norm: weight {list(weight.shape)} must hold x's width, {width} floats")
         out = torch.empty_like(x)
-        rows, width = x.shape
         self.functions["rms_norm"](
             x=x, weight=weight, out=out, rows=rows, width=width, eps=eps, threads=torch.get_num_threads()
         )
@@ -273,7 +280,15 @@ class NativeKernels:
     def rope_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
         """Rotate the first `heads` heads of each row of x [T, any heads, head_dim] (contiguous) in place, with
         cos and sin [T, head_dim] (contiguous)."""
-        rows, all_heads, head_dim = x.shape
+        rows, all_heads, head_dim = _dimensions(x, "[rows, heads, head_dim]", "rope: x")
+        if cos.shape != (rows, head_dim) or sin.shape != (rows, head_dim):
+            raise ValueError(
+                f"rope: cos {list(cos.shape)} and sin {list(sin.shape)} must be [rows, head_dim], {[rows, head_dim]}"
+            )
+        if not 0 <= heads <= all_heads:
+            raise ValueError(f"rope: {heads} heads to rotate, and x has {all_heads}")
+        if head_dim % 2:
+            raise ValueError(f"rope: head_dim {head_dim} must be even: it rotates the halves of a head")
         self.functions["rope"](
             x=x,
             cosines=cos,
@@ -297,10 +312,56 @@ class NativeKernels:
 
     def _gated(self, name: str, gate_up: torch.Tensor) -> torch.Tensor:
         gate_up = gate_up.contiguous()
-        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        rows, both = _dimensions(gate_up, "[rows, 2 * width]", f"{name}: gate_up")
+        if both % 2:
+            raise ValueError(f"{name}: gate_up's rows hold {both} floats, not as many ups as gates")
+        width = both // 2
         out = gate_up.new_empty(rows, width)
         self.functions[name](gate_up=gate_up, out=out, rows=rows, width=width, threads=torch.get_num_threads())
         return out
+
+
+def _dimensions(tensor: torch.Tensor, layout: str, what: str) -> torch.Size:
+    """tensor's shape; ValueError unless it has as many dimensions as `layout` ("[rows, width]") names."""
+    if tensor.dim() != layout.count(",") + 1:
+        raise ValueError(f"{what} must be {layout}, not {list(tensor.shape)}")
+    return tensor.shape
+
+
+def _check_decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor
+) -> None:
+    """ValueError unless the shapes, block ids and lengths are as kernels.h states paged_decode_attention's."""
+    rows, heads, head_dim = _dimensions(q, "[rows, heads, head_dim]", "decode attention: q")
+    layout = "[num_blocks, block_size, kv_heads, head_dim]"
+    num_blocks, block_size, kv_heads, key_dim = _dimensions(keys, layout, "decode attention: keys")
+    if values.shape != keys.shape or key_dim != head_dim or block_size < 1:
+        raise ValueError(
+            f"decode attention: keys {list(keys.shape)} and values {list(values.shape)} must both be {layout}, "
+            f"with q's head_dim {head_dim} and a block_size of at least 1"
+        )
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"decode attention: head_dim {head_dim} is not one of {HEAD_DIMS}")
+    if kv_heads < 1 or heads < 1 or heads % kv_heads:
+        raise ValueError(f"decode attention: q's {heads} heads must be a positive multiple of kv_heads {kv_heads}")
+    table_width = _dimensions(tables, "[rows, table_width]", "decode attention: tables")[1]
+    if tables.shape[0] != rows or lengths.numel() != rows:
+        raise ValueError(
+            f"decode attention: tables {list(tables.shape)} and lengths {list(lengths.shape)} must have q's {rows} rows"
+        )
+    if tables.numel():  # aminmax refuses an empty tensor
+        lowest, highest = (int(end) for end in torch.aminmax(tables))
+        if lowest < 0 or highest >= num_blocks:
+            raise ValueError(
+                f"decode attention: tables hold block ids from {lowest} to {highest}, outside [0, {num_blocks})"
+            )
+    if lengths.numel():
+        shortest, longest = (int(end) for end in torch.aminmax(lengths))
+        if shortest < 0 or longest > table_width * block_size:
+            raise ValueError(
+                f"decode attention: lengths from {shortest} to {longest}, outside [0, {table_width * block_size}] "
+                f"(table_width {table_width} * block_size {block_size})"
+            )
 
 
 def unsupported(shape: CacheShape, device: torch.device) -> str | None:

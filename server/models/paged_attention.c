@@ -57,8 +57,9 @@ static inline __attribute__((always_inline)) void accumulate_block(float *restri
         for (int c = 0; c < C; c++) store(out + g * D + c * LANES, acc[g][c]);
 }
 
-/* Calls call(D, G) with both as constants: head widths 16..128, query groups taken at most MAX_GROUP at a time. */
-#define MAX_GROUP(D) ((D) == 128 ? 2 : 4)
+/* Calls call(D, G) with both as constants: head widths 16..256, query groups taken at most MAX_GROUP at a time, so
+   a group's queries stay in registers (G * D / LANES vectors: at most 16, half AVX-512's 32 registers). */
+#define MAX_GROUP(D) ((D) == 256 ? 1 : (D) == 128 ? 2 : 4)
 #define BY_GROUP(call, D, n)                                                                                         \
     switch (n) {                                                                                                     \
     case 1: call(D, 1); break;                                                                                       \
@@ -71,9 +72,11 @@ static inline __attribute__((always_inline)) void accumulate_block(float *restri
     case 16: BY_GROUP(call, 16, n) break;                                                                            \
     case 32: BY_GROUP(call, 32, n) break;                                                                            \
     case 64: BY_GROUP(call, 64, n) break;                                                                            \
-    default:                                                                                                         \
+    case 128:                                                                                                        \
         if (n == 1) call(128, 1);                                                                                    \
         else call(128, 2);                                                                                           \
+        break;                                                                                                       \
+    default: call(256, 1); /* Gemma 2's */                                                                           \
     }
 
 /* One pass over a sequence's positions [first, length), block by block, for the query heads of kv heads
@@ -149,7 +152,7 @@ int paged_decode_attention(const float *q, const float *keys, const float *value
                            const int64_t *lengths, float *out, int64_t rows, int64_t table_width, int64_t heads,
                            int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float softcap,
                            int64_t window, int threads) {
-    if (head_dim != 16 && head_dim != 32 && head_dim != 64 && head_dim != 128) return 2;
+    if (head_dim != 16 && head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256) return 2;
     const int64_t groups = heads / kv_heads, split = rows < 2 * threads ? kv_heads : 1, per_task = kv_heads / split;
     int failed = 0;
 #pragma omp parallel num_threads(threads)

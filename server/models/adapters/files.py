@@ -21,7 +21,15 @@ from loraserve.server.models.adapters.patterns import finite, pattern_value, rea
 from loraserve.server.models.adapters.spec import AdapterInfo, AdapterSpec
 from loraserve.server.models.preflight import check_adapter_folder
 
-_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+# The block of a decoder layer that holds each projection, in every family's checkpoint names: what PEFT's module
+# names (and so alpha_pattern keys) say, and where an adapter's weights must be.
+MLP_PROJECTIONS = frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj"})
+
+
+def block_of(projection: str) -> str:
+    return "mlp" if projection in MLP_PROJECTIONS else "self_attn"
+
 
 MAX_RANK = 65536  # far above any trained adapter; ranks beyond the projection's size are refused per weight anyway
 MAX_UPDATE_REACH = 1e30  # float32 overflows at 3.4e38
@@ -52,6 +60,8 @@ def _check_supported(config: dict, where: str) -> None:
         "fan_in_fan_out": "fan_in_fan_out adapters (Conv1D models) are not supported",
         "modules_to_save": "adapters with modules_to_save (fully trained extra modules) are not supported",
         "lora_bias": "adapters with LoRA biases are not supported",
+        # activated LoRA: the update applies only after the invocation tokens, which the batch does not track
+        "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) adapters are not supported",
     }
     for key, reason in refusals.items():
         if config.get(key):
@@ -132,11 +142,11 @@ def _read_weights(
                 match = _KEY.match(key)
                 if match is None:
                     raise ConfigError(f"{where}: does not fit the model: unsupported adapter weight {key:.200}")
-                layer, projection, which = int(match[1]), match[2], match[3]
-                if projection not in projections:
+                layer, block, projection, which = int(match[1]), match[2], match[3], match[4]
+                if projection not in projections or block != block_of(projection):
                     raise ConfigError(
-                        f"{where}: does not fit the model: it adapts {projection}, and this model's projections are "
-                        f"{', '.join(projections)}"
+                        f"{where}: does not fit the model: it adapts {block}.{projection}, and this model's "
+                        f"projections are {', '.join(f'{block_of(p)}.{p}' for p in projections)}"
                     )
                 if layer >= num_layers:
                     raise ConfigError(f"{where}: does not fit the model: no layer {layer} (it has {num_layers})")
@@ -195,8 +205,7 @@ def _delta(
             f"{where}: does not fit the model: layer {layer} {projection} is {in_features}->{out_features}, "
             f"the adapter's matrices are {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    block = "mlp" if projection in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-    module = f"model.layers.{layer}.{block}.{projection}"
+    module = f"model.layers.{layer}.{block_of(projection)}.{projection}"
     rank = a.shape[0]
     alpha = pattern_value(alpha_patterns, module, float(config["lora_alpha"]))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

@@ -23,12 +23,21 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, 
 
 
 def family_named(model_type: object, architectures: object = None, where: str = "--model") -> Family:
-    """The family of config.model_type; ConfigError naming the architecture and the served ones for any other."""
+    """The family of config.model_type whose causal LM config.architectures names (when it names any); ConfigError
+    naming the architecture and what is served for anything else."""
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    listed = isinstance(architectures, list) and architectures
     if family is None:
-        named = f" ({', '.join(map(str, architectures))})" if isinstance(architectures, list) and architectures else ""
+        named = f" ({', '.join(map(str, architectures))})" if listed else ""
         raise ConfigError(
             f"{where}: a {model_type!r:.80} model{named:.200}; loraserve serves {', '.join(sorted(FAMILIES))}"
+        )
+    # A classifier or reward model of the family (LlamaForSequenceClassification) would load as a causal LM with a
+    # random LM head: only the family's causal LM is served.
+    if listed and architectures != [family.architecture]:
+        raise ConfigError(
+            f"{where}: a {', '.join(map(str, architectures)):.200} checkpoint; loraserve serves "
+            f"{family.architecture} for {model_type} models"
         )
     return family
 

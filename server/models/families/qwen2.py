@@ -3,4 +3,4 @@ use_sliding_window, the layers config.layer_types marks attend within config.sli
 
 from loraserve.server.models.families.spec import Family
 
-QWEN2 = Family(model_type="qwen2", architecture="Qwen2ForCausalLM", norm_class="Qwen2RMSNorm")
+QWEN2 = Family(model_type="qwen2", architecture="Qwen2ForCausalLM", norm_class="Qwen2RMSNorm", windows="layer_types")

@@ -2,4 +2,10 @@
 
 from loraserve.server.models.families.spec import Family
 
-QWEN3 = Family(model_type="qwen3", architecture="Qwen3ForCausalLM", norm_class="Qwen3RMSNorm", qk_norm=True)
+QWEN3 = Family(
+    model_type="qwen3",
+    architecture="Qwen3ForCausalLM",
+    norm_class="Qwen3RMSNorm",
+    qk_norm=True,
+    windows="layer_types",
+)

@@ -64,9 +64,10 @@ class Family:
     query_scale_key: str | None = None  # a config field s: scores are scaled by s**-0.5 instead of head_dim**-0.5
     attention_softcap_key: str | None = None  # a config field c: scores become c * tanh(scores / c)
     final_softcap_key: str | None = None  # the same on the output logits
-    # Where sliding windows come from: every layer has config.sliding_window (Mistral, Phi-3), or the layers whose
+    # Where sliding windows come from, as the family's transformers code reads them: nowhere (LLaMA ignores
+    # sliding_window and layer_types), every layer has config.sliding_window (Mistral, Phi-3), or the layers whose
     # config.layer_types entry is "sliding_attention" (Qwen2, Qwen3, Gemma 2)
-    windows: Literal["all_layers", "layer_types"] = "layer_types"
+    windows: Literal["none", "all_layers", "layer_types"] = "none"
     settings: tuple[Setting, ...] = ()  # the family's own config fields the runner implements only some values of
 
     def all_settings(self) -> tuple[Setting, ...]:
@@ -77,8 +78,19 @@ class Family:
             Setting("partial_rotary_factor", (1.0, None, MISSING), what="rotary embedding over part of each head"),
             Setting("layer_types", accepts=_known_layer_types, what=f"only {FULL_ATTENTION} and {SLIDING_ATTENTION}"),
             Setting("is_encoder_decoder", (False, MISSING), what="encoder-decoder models"),
+            # transformers' masks read it: False makes attention bidirectional (embedding-model conversions)
+            Setting("is_causal", (True, MISSING), what="bidirectional attention"),
         )
         return shared + self.settings
+
+
+def positive(value: Any) -> bool:
+    """A finite number above zero (a scale or a soft cap)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+def positive_or_unset(value: Any) -> bool:
+    return value is None or value is MISSING or positive(value)
 
 
 def _known_layer_types(value: Any) -> bool:

@@ -91,5 +91,18 @@ def test_a_setting_the_runner_lacks_fails_at_load_by_name(tmp_path, tokenizer_di
         "original_max_position_embeddings": 128,
     }
     save_tiny("llama", tmp_path, tokenizer_dir, len(tokenizer), rope_parameters=longrope)
-    with pytest.raises(ConfigError, match=r"--model: this llama model uses .*rope_type='longrope'"):
+    with pytest.raises(ConfigError, match=r"--model .*: this llama model uses .*rope_type='longrope'"):
+        load_model(ModelConfig(model=str(tmp_path)))
+
+
+def test_a_config_transformers_refuses_is_a_config_error_naming_the_model(tmp_path, tokenizer_dir, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """transformers' own validation (here: layer_types for 3 layers on a 2-layer model) fails start-up as a
+    ConfigError with its reason, not a traceback."""
+    import json
+
+    save_tiny("qwen2", tmp_path, tokenizer_dir, len(tokenizer))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["layer_types"] = ["full_attention"] * 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"--model .*: config.json: .*layer_types"):
         load_model(ModelConfig(model=str(tmp_path)))

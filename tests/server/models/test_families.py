@@ -51,20 +51,37 @@ LLAMA3_ROPE = {
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("llama", {}),
     "llama3.1": ("llama", {"rope_parameters": LLAMA3_ROPE}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True, "rms_norm_eps": 0.0}),
+    "llama-yarn": (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+            }
+        },
+    ),
     "mistral": ("mistral", {"sliding_window": WINDOW}),
     "qwen2": ("qwen2", {}),  # q/k/v projections with biases
     "qwen2-windows": ("qwen2", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
-    "qwen3": ("qwen3", {"head_dim": 16}),
+    "qwen3": ("qwen3", {"head_dim": 32}),  # heads x head_dim (128) is not the hidden size (64), as in Qwen3-0.6B
     "phi3": ("phi3", {"sliding_window": WINDOW, "pad_token_id": 0}),
     "gemma2": (
         "gemma2",
         {
-            "head_dim": 16,
+            "head_dim": 32,
             "sliding_window": WINDOW,
             "query_pre_attn_scalar": 24,
             "attn_logit_softcapping": 5.0,
             "final_logit_softcapping": 3.0,
         },
+    ),
+    # Gemma 2's real head width (2b, 9b, 27b) and query scale
+    "gemma2-256": (
+        "gemma2",
+        {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": WINDOW, "attn_logit_softcapping": 50.0},
     ),
 }
 TARGETS = {
@@ -120,6 +137,46 @@ def test_logits_match_transformers_for_chunks_and_decode(case: str, kernels: str
         torch.testing.assert_close(logits[0], expected_a[position], atol=1e-4, rtol=1e-4)
         if len(work) == 2:
             torch.testing.assert_close(logits[1], expected_b[position - 10], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["gemma2", "mistral", "qwen2-windows"])
+def test_the_fixed_shape_decode_step_cuda_graphs_replay_matches_transformers(case: str) -> None:
+    """decode(): the padded, bucketed step a CUDA graph captures, with windows and soft caps (run eagerly here)."""
+    from loraserve.server.models.cuda_graphs import DecodeGraphs
+
+    model = tiny(case)
+    torch.manual_seed(4)
+    a, b = torch.randint(0, 300, (40,)).tolist(), torch.randint(0, 300, (30,)).tolist()
+    with torch.inference_mode():
+        expected_a, expected_b = model(torch.tensor([a])).logits[0], model(torch.tensor([b])).logits[0]
+    runner = runner_for(tiny(case), "torch")
+    graphs = DecodeGraphs(runner, max_batch_size=4, capture=False)
+    row_a, row_b = [5, 1, 9], [2, 7]
+    runner.step([RowWork(row_a, a[:20], 0, wants_logits=False), RowWork(row_b, b[:10], 0, wants_logits=False)])
+    for step in range(20):
+        work = [RowWork(row_a, (a[20 + step],), 20 + step), RowWork(row_b, (b[10 + step],), 10 + step)]
+        logits = graphs.step(work)
+        assert logits is not None
+        torch.testing.assert_close(logits[0], expected_a[20 + step], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[1], expected_b[10 + step], atol=1e-4, rtol=1e-4)
+
+
+def test_llama_ignores_sliding_windows_as_transformers_does() -> None:
+    """transformers' Llama reads neither sliding_window nor layer_types in its forward pass (its generate's cache
+    does, and then fails on this very config): a Llama config that sets them is served with full attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    windowed = {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]}
+    config = AutoConfig.for_model("llama", **SHAPE, **windowed)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokens = torch.randint(0, 300, (40,)).tolist()
+    with torch.inference_mode():
+        expected = model(torch.tensor([tokens]), use_cache=False).logits[0, -1]
+    torch.manual_seed(0)
+    runner = runner_for(AutoModelForCausalLM.from_config(config).eval(), "native")
+    assert [plan.window for plan in runner.plans] == [0, 0]
+    torch.testing.assert_close(runner.step([RowWork([3, 6, 1], tokens, 0)])[0], expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -184,6 +241,31 @@ def test_an_adapter_for_projections_the_model_lacks_is_refused_naming_them(tmp_p
         read_adapter(AdapterSpec("x", str(tmp_path)), projection_features(phi3), SHAPE["num_hidden_layers"])
 
 
+def test_alpha_patterns_name_the_block_each_projection_is_in(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """PEFT matches alpha_pattern keys against the real module name: Phi-3's gate_up_proj is mlp.gate_up_proj."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS["phi3"],
+        alpha_pattern={r"mlp\.gate_up_proj": 32},
+        init_lora_weights=False,
+    )
+    torch.manual_seed(5)
+    peft_model = get_peft_model(tiny("phi3"), config)
+    peft_model.save_pretrained(tmp_path)
+    tokens = torch.randint(0, 300, (9,)).tolist()
+    with torch.inference_mode():
+        adapted = peft_model(torch.tensor([tokens])).logits[0, -1]
+    runner_model = tiny("phi3")
+    features = projection_features(runner_model)
+    adapter = read_adapter(AdapterSpec("a", str(tmp_path)), features, SHAPE["num_hidden_layers"])
+    banks = LoraBanks([adapter], features, 2, torch.float32, torch.device("cpu"))
+    logits = runner_for(runner_model, "torch", banks).step([RowWork([1], tokens, 0, adapter=0)])
+    torch.testing.assert_close(logits[0], adapted, atol=1e-4, rtol=1e-4)
+
+
 # ---- the allow-list ------------------------------------------------------------------------------------------------
 
 # A value each shared setting refuses, and one it serves (beyond the defaults every case above already serves)
@@ -200,6 +282,7 @@ REFUSED = {
     "partial_rotary_factor": {"partial_rotary_factor": 0.5},
     "layer_types": {"layer_types": ["full_attention", "chunked_attention"]},
     "is_encoder_decoder": {"is_encoder_decoder": True},
+    "is_causal": {"is_causal": False},
 }
 
 
@@ -214,6 +297,9 @@ def test_every_setting_of_every_family_refuses_what_the_runner_lacks_by_name(mod
             changes = {setting.key: "relu"}
         elif setting.key in REFUSED:
             changes = REFUSED[setting.key]
+        elif setting.accepts is not None:  # a number the family serves only some of: a negative one, of its type
+            default = getattr(AutoConfig.for_model(model_type, **SHAPE), setting.key, None)
+            changes = {setting.key: -1 if type(default) is int else -1.0}
         else:  # a family's own setting: any value outside what it serves
             changes = {setting.key: next(v for v in (True, 1, "x") if v not in setting.allowed)}
         config = AutoConfig.for_model(model_type, **SHAPE)
@@ -238,10 +324,13 @@ def test_each_served_rope_type_passes(rope_type: str) -> None:
 
 
 def test_an_architecture_without_a_family_is_refused_before_torch_is_imported(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from transformers import GPT2Config
+    from transformers import GPT2Config, LlamaConfig
 
     with pytest.raises(ConfigError, match=r"a 'gpt2' model \(GPT2LMHeadModel\); loraserve serves gemma2, llama, "):
         family_for(GPT2Config(architectures=["GPT2LMHeadModel"]))
+    classifier = LlamaConfig(architectures=["LlamaForSequenceClassification"])
+    with pytest.raises(ConfigError, match=r"a LlamaForSequenceClassification checkpoint; .* LlamaForCausalLM"):
+        family_for(classifier)
     (tmp_path / "config.json").write_text('{"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}')
     with pytest.raises(ConfigError, match=r"a 't5' model \(T5ForConditionalGeneration\); loraserve serves"):
         preflight.local_model_path(str(tmp_path))

@@ -165,6 +165,7 @@ def test_adapters_must_be_safetensors_lora_and_unique(
     [
         ({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (4, 64)}, "unsupported adapter weight"),
         ({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": (4, 64)}, r"no layer 9 \(it has 2\)"),
+        ({"base_model.model.model.layers.0.mlp.q_proj.lora_A.weight": (4, 64)}, r"it adapts mlp\.q_proj, and"),
         (
             {
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 128),

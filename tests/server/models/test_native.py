@@ -1,15 +1,17 @@
 """The native kernels. Decode attention against attention computed plainly in float64 over each sequence's blocks:
-every head width and query-group size it specialises, blocks in any order, lengths on and off block boundaries, one
-thread and several, Gemma 2's soft cap, sliding window and scale. RMSNorm, RoPE, SwiGLU and GeGLU against
-transformers' and torch's own. The C interface declared once: kernels.h is parsed strictly, a definition that differs
-from it does not build, and a call with the wrong arguments raises before it runs. And how --kernels chooses them or
-falls back, with the reason."""
+every head width (Gemma 2's 256 among them) and query-group size it specialises, blocks in any order, lengths on and
+off block boundaries, one thread and several, Gemma 2's soft cap, sliding window and scale. RMSNorm, RoPE, SwiGLU and
+GeGLU against transformers' and torch's own. The C interface declared once: kernels.h is parsed strictly, a
+definition that differs from it does not build, a call with the wrong arguments raises before it runs, and so does
+one with sizes the C would read or write out of bounds with. And how --kernels chooses them or falls back, with the
+reason."""
 
 from __future__ import annotations
 
 import logging
 import re
 from importlib import resources
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -48,7 +50,18 @@ def kernels() -> native.NativeKernels:
 
 @pytest.mark.parametrize(
     ("head_dim", "heads", "kv_heads"),
-    [(16, 4, 2), (32, 6, 3), (64, 9, 3), (64, 7, 1), (64, 4, 4), (64, 10, 2), (128, 6, 2), (128, 2, 2)],
+    [
+        (16, 4, 2),
+        (32, 6, 3),
+        (64, 9, 3),
+        (64, 7, 1),
+        (64, 4, 4),
+        (64, 10, 2),
+        (128, 6, 2),
+        (128, 2, 2),
+        (256, 8, 4),  # Gemma-2-2b's
+        (256, 3, 1),
+    ],
 )
 @pytest.mark.parametrize("rows", [1, 9])
 @pytest.mark.parametrize("block_size", [16, 5])
@@ -71,7 +84,8 @@ def test_the_kernel_matches_attention_over_each_sequences_blocks(
 
 
 @pytest.mark.parametrize(
-    ("head_dim", "heads", "kv_heads"), [(16, 4, 2), (32, 6, 3), (64, 9, 3), (64, 7, 1), (128, 6, 2), (128, 2, 2)]
+    ("head_dim", "heads", "kv_heads"),
+    [(16, 4, 2), (32, 6, 3), (64, 9, 3), (64, 7, 1), (128, 6, 2), (128, 2, 2), (256, 8, 4), (256, 3, 1)],
 )
 @pytest.mark.parametrize("block_size", [16, 5])
 @pytest.mark.parametrize(
@@ -168,7 +182,7 @@ def test_rms_norm_matches_transformers(kernels: native.NativeKernels, width: int
         torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
 
 
-@pytest.mark.parametrize(("heads", "rotated", "head_dim"), [(15, 12, 64), (8, 6, 16), (4, 2, 128)])
+@pytest.mark.parametrize(("heads", "rotated", "head_dim"), [(15, 12, 64), (8, 6, 16), (4, 2, 128), (16, 12, 256)])
 @pytest.mark.parametrize("rows", [1, 200])
 def test_rope_turns_the_first_heads_in_place_as_transformers_does(
     kernels: native.NativeKernels, heads: int, rotated: int, head_dim: int, rows: int
@@ -312,12 +326,118 @@ def test_a_call_with_a_wrong_argument_raises_before_it_runs(kernels: native.Nati
     x = torch.randn(3, 4, 32)[:, :2]  # rope_ works in place: it cannot copy a strided x
     with pytest.raises(TypeError, match=r"rope: x \(float \*\) must be a contiguous"):
         kernels.rope_(x, torch.ones(3, 32), torch.zeros(3, 32), 2)
+    with pytest.raises(TypeError, match=r"rope: cosines \(const float \*\) must be a contiguous"):
+        kernels.rope_(x.contiguous(), torch.ones(32, 3).t(), torch.zeros(3, 32), 2)
+
+
+def decode_arguments(**changes: Any) -> dict[str, Any]:
+    """decode_attention's arguments: 3 rows of 4 heads of 16 over 6 blocks of 4 positions, 2 kv heads; `changes`
+    replace some."""
+    generator = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(2, 6, 4, 2, 16, generator=generator)
+    tables, lengths = torch.tensor([[1, 2], [3, 4], [5, 0]]), torch.tensor([5, 8, 1])
+    q = torch.randn(3, 4, 16, generator=generator)
+    return {"q": q, "keys": keys, "values": values, "tables": tables, "lengths": lengths, **changes}
+
+
+def rope_arguments(**changes: Any) -> dict[str, Any]:
+    """rope_'s: the first 3 of 4 heads of 16 in 2 rows."""
+    return {"x": torch.randn(2, 4, 16), "cos": torch.randn(2, 16), "sin": torch.randn(2, 16), "heads": 3, **changes}
+
+
+def rms_norm_arguments(**changes: Any) -> dict[str, Any]:
+    return {"x": torch.randn(3, 8), "weight": torch.randn(8), "eps": 1e-6, **changes}
+
+
+# a NativeKernels method, its arguments with a wrong size, and what the ValueError says
+WRONG_SIZES = [
+    ("decode_attention", decode_arguments(q=torch.randn(3, 3, 16)), "q's 3 heads must be a positive multiple of kv_h"),
+    ("decode_attention", decode_arguments(q=torch.randn(3, 64)), r"q must be \[rows, heads, head_dim\], not \[3, 64\]"),
+    ("decode_attention", decode_arguments(values=torch.randn(6, 4, 2, 8)), r"values \[6, 4, 2, 8\] must both be"),
+    ("decode_attention", decode_arguments(values=torch.randn(7, 4, 2, 16)), r"values \[7, 4, 2, 16\] must both be"),
+    ("decode_attention", decode_arguments(keys=torch.randn(6, 4, 32)), r"keys must be \[num_blocks, block_size, kv_"),
+    (  # keys and values alike, with another head_dim than q's
+        "decode_attention",
+        decode_arguments(keys=torch.randn(6, 4, 2, 32), values=torch.randn(6, 4, 2, 32)),
+        "with q's head_dim 16",
+    ),
+    (
+        "decode_attention",
+        decode_arguments(
+            keys=torch.randn(6, 0, 2, 16), values=torch.randn(6, 0, 2, 16), lengths=torch.zeros(3, dtype=torch.int64)
+        ),
+        "a block_size of at least 1",
+    ),
+    (
+        "decode_attention",
+        decode_arguments(q=torch.randn(3, 4, 80), keys=torch.randn(6, 4, 2, 80), values=torch.randn(6, 4, 2, 80)),
+        r"head_dim 80 is not one of \(16, 32, 64, 128, 256\)",
+    ),
+    ("decode_attention", decode_arguments(tables=torch.tensor([[1, 2], [3, 4]])), "must have q's 3 rows"),
+    ("decode_attention", decode_arguments(tables=torch.tensor([1, 2, 3])), r"tables must be \[rows, table_width\]"),
+    ("decode_attention", decode_arguments(lengths=torch.tensor([5, 8])), r"lengths \[2\] must have q's 3 rows"),
+    ("decode_attention", decode_arguments(lengths=torch.tensor([5, 9, 1])), r"lengths from 1 to 9, outside \[0, 8\]"),
+    ("decode_attention", decode_arguments(lengths=torch.tensor([5, -1, 1])), r"lengths from -1 to 5, outside"),
+    (
+        "decode_attention",
+        decode_arguments(tables=torch.tensor([[1, 2], [3, 4], [6, 0]])),
+        r"block ids from 0 to 6, outside \[0, 6\)",
+    ),
+    ("decode_attention", decode_arguments(tables=torch.tensor([[1, 2], [-1, 4], [5, 0]])), "block ids from -1 to 5"),
+    ("rms_norm", rms_norm_arguments(weight=torch.randn(7)), r"weight \[7\] must hold x's width, 8 floats"),
+    ("rms_norm", rms_norm_arguments(weight=torch.randn(9)), r"weight \[9\] must hold x's width"),
+    ("rms_norm", rms_norm_arguments(x=torch.randn(2, 3, 8)), r"x must be \[rows, width\], not \[2, 3, 8\]"),
+    ("rope_", rope_arguments(cos=torch.randn(2, 8)), r"cos \[2, 8\] and sin \[2, 16\] must be \[rows, head_dim\]"),
+    ("rope_", rope_arguments(sin=torch.randn(1, 16)), r"sin \[1, 16\] must be \[rows, head_dim\], \[2, 16\]"),
+    ("rope_", rope_arguments(cos=torch.randn(3, 16), sin=torch.randn(3, 16)), r"cos \[3, 16\] and sin \[3, 16\]"),
+    ("rope_", rope_arguments(heads=5), "5 heads to rotate, and x has 4"),
+    ("rope_", rope_arguments(heads=-1), "-1 heads to rotate"),
+    (
+        "rope_",
+        rope_arguments(x=torch.randn(2, 4, 15), cos=torch.randn(2, 15), sin=torch.randn(2, 15)),
+        "head_dim 15 must be even",
+    ),
+    ("rope_", rope_arguments(x=torch.randn(2, 64)), r"x must be \[rows, heads, head_dim\]"),
+    ("silu_mul", {"gate_up": torch.randn(3, 9)}, "silu_mul: gate_up's rows hold 9 floats, not as many ups as gates"),
+    ("silu_mul", {"gate_up": torch.randn(18)}, r"silu_mul: gate_up must be \[rows, 2 \* width\]"),
+    ("gelu_tanh_mul", {"gate_up": torch.randn(3, 9)}, "gelu_tanh_mul: gate_up's rows hold 9 floats"),
+]
+KERNEL = {"decode_attention": "paged_decode_attention", "rope_": "rope"}  # the rest share their C function's name
+
+
+def did_run(**arguments: object) -> NoReturn:
+    raise AssertionError("the kernel ran")
+
+
+@pytest.mark.parametrize(("method", "arguments", "message"), WRONG_SIZES)
+def test_a_size_the_kernel_would_overrun_raises_before_it_runs(
+    kernels: native.NativeKernels, method: str, arguments: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(kernels.functions, KERNEL.get(method, method), did_run)
+    before = {name: value.clone() for name, value in arguments.items() if isinstance(value, torch.Tensor)}
+    with pytest.raises(ValueError, match=message):
+        getattr(kernels, method)(**arguments)
+    assert all(torch.equal(arguments[name], value) for name, value in before.items())  # nothing written
+
+
+def test_the_right_sizes_pass_the_checks(kernels: native.NativeKernels) -> None:
+    arguments = decode_arguments()
+    out = kernels.decode_attention(**arguments)
+    torch.testing.assert_close(out.double(), reference(**arguments), atol=2e-5, rtol=2e-5)
+    arguments = rms_norm_arguments(weight=torch.randn(1, 8))  # any weight holding width floats
+    kernels.rms_norm(**arguments)
+    kernels.rope_(**rope_arguments(heads=0))
+    kernels.rope_(**rope_arguments(heads=4))
+    kernels.silu_mul(torch.randn(3, 0))
+    empty = decode_arguments(q=torch.randn(0, 4, 16), tables=torch.zeros(0, 2, dtype=torch.int64))
+    assert kernels.decode_attention(**{**empty, "lengths": torch.zeros(0, dtype=torch.int64)}).shape == (0, 4, 16)
 
 
 @pytest.mark.parametrize(
     ("shape", "device", "reason"),
     [
-        (CacheShape(2, 2, 80, torch.float32), CPU, "head_dim 80 is not one of 16, 32, 64, 128"),
+        (CacheShape(2, 2, 80, torch.float32), CPU, "head_dim 80 is not one of 16, 32, 64, 128, 256"),
+        (CacheShape(2, 2, 512, torch.float32), CPU, "head_dim 512 is not one of"),
         (CacheShape(2, 2, 64, torch.bfloat16), CPU, "float32 models, and this one is bfloat16"),
         (CacheShape(2, 2, 64, torch.float32), torch.device("cuda"), "run on a CPU, and the model is on cuda"),
     ],
@@ -338,6 +458,8 @@ def test_torch_never_builds_and_auto_uses_the_kernels_where_they_can() -> None:
     assert native.select("torch", shape, CPU) is None
     assert native.select("auto", shape, CPU) is native.build()  # built once per process
     assert native.select("native", shape, CPU) is native.build()
+    gemma2 = CacheShape(26, 4, 256, torch.float32)  # Gemma-2-2b's
+    assert native.select("auto", gemma2, CPU) is native.build()
 
 
 @pytest.mark.parametrize(
