@@ -27,6 +27,7 @@ from transformers.activations import ACT2FN
 
 from loraserve.server.models import cpu_linear
 from loraserve.server.models.adapters.banks import LoraBanks
+from loraserve.server.models.adapters.files import block_of
 from loraserve.server.models.families import Family, family_for
 from loraserve.server.models.families.spec import SLIDING_ATTENTION
 from loraserve.server.models.kv_blocks import SCRATCH_BLOCK, CacheShape, PagedKVCache
@@ -52,10 +53,9 @@ def projection_groups(family: Family) -> dict[str, tuple[str, ...]]:
 
 
 def layer_projections(layer: torch.nn.Module, family: Family) -> dict[str, torch.nn.Module]:
-    """The checkpoint's projection modules of one decoder layer, by name."""
-    attention = (*family.qkv, "o_proj")
+    """The checkpoint's projection modules of one decoder layer, by name (in the block adapters name them in)."""
     return {
-        name: getattr(layer.self_attn if name in attention else layer.mlp, name)
+        name: getattr(getattr(layer, block_of(name)), name)
         for group in projection_groups(family).values()
         for name in group
     }
@@ -296,8 +296,9 @@ class DecoderRunner:
 
     def _gather_masks(self, tables: torch.Tensor, lengths: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """decode_mask for each window the layers use, where decode attention gathers; None where the native kernel
-        reads the blocks in place."""
+        reads the blocks in place (having checked, once for every layer, that they are the cache's)."""
         if self.kernels is not None:
+            self.kernels.check_blocks(tables, lengths, self.kv.num_blocks, self.kv.block_size)
             return None
         return {window: self.decode_mask(tables, lengths, window) for window in self.windows}
 
@@ -481,7 +482,14 @@ class DecoderRunner:
         window = self.plans[layer].window
         if masks is None:
             return self.kernels.decode_attention(
-                q, *self.kv.pools(layer), tables, lengths, scale=self.scale, softcap=self.softcap or 0.0, window=window
+                q,
+                *self.kv.pools(layer),
+                tables,
+                lengths,
+                scale=self.scale,
+                softcap=self.softcap or 0.0,
+                window=window,
+                blocks_checked=True,
             )
         keys, values = self.kv.gather(layer, tables)  # [S, kv_heads, n * block_size, head_dim]
         rows = q.shape[0]

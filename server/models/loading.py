@@ -219,7 +219,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:  # transformers' own validation (layer_types of the wrong length, ...)
         # raises ValueError, OSError or huggingface_hub's validation errors: each is a config the operator must fix
-        raise ConfigError(f"{where}: config.json: {' '.join(str(error).split())}") from None
+        raise ConfigError(f"{where}: config.json: {' '.join(str(error).split()):.500}") from None
     family_for(model_config, where)
     logger.info(
         "loading model", extra={"model": name, "folder": str(folder), "device": str(device), "dtype": str(dtype)}

@@ -228,16 +228,21 @@ class NativeKernels:
         scale: float | None = None,
         softcap: float = 0.0,
         window: int = 0,
+        blocks_checked: bool = False,
     ) -> torch.Tensor:
         """q: [S, heads, head_dim]; keys, values: one layer's blocks [num_blocks, block_size, kv_heads, head_dim];
         tables: [S, n] block ids (int64); lengths: [S] positions each row holds, at most n * block_size.
         Returns the attention output [S, heads, head_dim]. Scores are q . k * scale (head_dim ** -0.5 unless given;
         Gemma 2 gives query_pre_attn_scalar ** -0.5); softcap > 0 turns each into softcap * tanh(score / softcap)
-        before the softmax; window > 0 has a row of length L attend only positions [max(0, L - window), L)."""
+        before the softmax; window > 0 has a row of length L attend only positions [max(0, L - window), L).
+        blocks_checked: check_blocks already passed these tables and lengths (every layer of a step reads the same
+        ones: the runner checks them once per step, not once per layer)."""
         if softcap < 0 or window < 0:
             raise ValueError(f"decode attention: softcap {softcap} and window {window} must be 0 (off) or positive")
         q, tables, lengths = q.contiguous(), tables.contiguous(), lengths.contiguous()
         _check_decode_attention(q, keys, values, tables, lengths)
+        if not blocks_checked:
+            self.check_blocks(tables, lengths, keys.shape[0], keys.shape[1])
         rows, heads, head_dim = q.shape
         _, block_size, kv_heads, _ = keys.shape
         out = torch.empty_like(q)
@@ -264,6 +269,12 @@ class NativeKernels:
         if status != OK:
             raise ValueError(f"paged decode attention: head_dim {head_dim} is not one of {HEAD_DIMS}")
         return out
+
+    @staticmethod
+    def check_blocks(tables: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int) -> None:
+        """ValueError unless every block id in tables [S, n] is in [0, num_blocks) and every length in [0, n *
+        block_size]: what decode_attention reads through them."""
+        _check_blocks(tables, lengths, num_blocks, block_size)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * x / sqrt(mean(x^2, -1) + eps) for x [T, width]; weight: [width]."""
@@ -334,7 +345,7 @@ def _check_decode_attention(
     """ValueError unless the shapes, block ids and lengths are as kernels.h states paged_decode_attention's."""
     rows, heads, head_dim = _dimensions(q, "[rows, heads, head_dim]", "decode attention: q")
     layout = "[num_blocks, block_size, kv_heads, head_dim]"
-    num_blocks, block_size, kv_heads, key_dim = _dimensions(keys, layout, "decode attention: keys")
+    _, block_size, kv_heads, key_dim = _dimensions(keys, layout, "decode attention: keys")
     if values.shape != keys.shape or key_dim != head_dim or block_size < 1:
         raise ValueError(
             f"decode attention: keys {list(keys.shape)} and values {list(values.shape)} must both be {layout}, "
@@ -344,11 +355,15 @@ def _check_decode_attention(
         raise ValueError(f"decode attention: head_dim {head_dim} is not one of {HEAD_DIMS}")
     if kv_heads < 1 or heads < 1 or heads % kv_heads:
         raise ValueError(f"decode attention: q's {heads} heads must be a positive multiple of kv_heads {kv_heads}")
-    table_width = _dimensions(tables, "[rows, table_width]", "decode attention: tables")[1]
+    _dimensions(tables, "[rows, table_width]", "decode attention: tables")
     if tables.shape[0] != rows or lengths.numel() != rows:
         raise ValueError(
             f"decode attention: tables {list(tables.shape)} and lengths {list(lengths.shape)} must have q's {rows} rows"
         )
+
+
+def _check_blocks(tables: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int) -> None:
+    table_width = tables.shape[1]
     if tables.numel():  # aminmax refuses an empty tensor
         lowest, highest = (int(end) for end in torch.aminmax(tables))
         if lowest < 0 or highest >= num_blocks:

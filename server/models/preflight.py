@@ -41,6 +41,8 @@ def local_model_path(source: str) -> Path | None:
 
 def check_architecture(config_file: Path, where: str) -> None:
     """config.json names a model type loraserve has a family for (its settings are checked once it is loaded)."""
+    if not config_file.is_file():
+        raise ConfigError(f"{where}: no config.json, so it is not a Hugging Face model")
     try:
         config = json.loads(config_file.read_bytes())
     except (OSError, ValueError, RecursionError) as error:

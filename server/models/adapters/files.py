@@ -62,6 +62,8 @@ def _check_supported(config: dict, where: str) -> None:
         "lora_bias": "adapters with LoRA biases are not supported",
         # activated LoRA: the update applies only after the invocation tokens, which the batch does not track
         "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) adapters are not supported",
+        # its layer numbers refer to a stack of replicated base layers, not the model's own
+        "layer_replication": "adapters with layer_replication are not supported",
     }
     for key, reason in refusals.items():
         if config.get(key):

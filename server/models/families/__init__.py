@@ -34,10 +34,10 @@ def family_named(model_type: object, architectures: object = None, where: str = 
         )
     # A classifier or reward model of the family (LlamaForSequenceClassification) would load as a causal LM with a
     # random LM head: only the family's causal LM is served.
-    if listed and architectures != [family.architecture]:
+    if listed and not all(isinstance(a, str) and a.endswith("ForCausalLM") for a in architectures):
         raise ConfigError(
-            f"{where}: a {', '.join(map(str, architectures)):.200} checkpoint; loraserve serves "
-            f"{family.architecture} for {model_type} models"
+            f"{where}: a {', '.join(map(str, architectures)):.200} checkpoint; loraserve serves causal LMs "
+            f"({family.architecture} for {model_type} models)"
         )
     return family
 

@@ -71,7 +71,7 @@ class Family:
     settings: tuple[Setting, ...] = ()  # the family's own config fields the runner implements only some values of
 
     def all_settings(self) -> tuple[Setting, ...]:
-        """The family's settings, and those every family shares."""
+        """The family's settings, those every family shares, and its window where it reads one."""
         shared = (
             Setting(self.activation_key, tuple(sorted(self.activations)), what="the MLP's activation"),
             Setting("rope_type", tuple(sorted(STATIC_ROPE_TYPES)), what="the rotary embedding's scaling"),
@@ -81,6 +81,8 @@ class Family:
             # transformers' masks read it: False makes attention bidirectional (embedding-model conversions)
             Setting("is_causal", (True, MISSING), what="bidirectional attention"),
         )
+        if self.windows != "none":
+            shared += (Setting("sliding_window", accepts=window_or_unset, what="a positive number of positions"),)
         return shared + self.settings
 
 
@@ -91,6 +93,11 @@ def positive(value: Any) -> bool:
 
 def positive_or_unset(value: Any) -> bool:
     return value is None or value is MISSING or positive(value)
+
+
+def window_or_unset(value: Any) -> bool:
+    """A sliding window: a positive whole number of positions, or none."""
+    return value is None or value is MISSING or (type(value) is int and value > 0)
 
 
 def _known_layer_types(value: Any) -> bool:

@@ -283,6 +283,7 @@ REFUSED = {
     "layer_types": {"layer_types": ["full_attention", "chunked_attention"]},
     "is_encoder_decoder": {"is_encoder_decoder": True},
     "is_causal": {"is_causal": False},
+    "sliding_window": {"sliding_window": -1},
 }
 
 
@@ -329,8 +330,21 @@ def test_an_architecture_without_a_family_is_refused_before_torch_is_imported(tm
     with pytest.raises(ConfigError, match=r"a 'gpt2' model \(GPT2LMHeadModel\); loraserve serves gemma2, llama, "):
         family_for(GPT2Config(architectures=["GPT2LMHeadModel"]))
     classifier = LlamaConfig(architectures=["LlamaForSequenceClassification"])
-    with pytest.raises(ConfigError, match=r"a LlamaForSequenceClassification checkpoint; .* LlamaForCausalLM"):
+    with pytest.raises(ConfigError, match=r"a LlamaForSequenceClassification checkpoint; .*\(LlamaForCausalLM"):
         family_for(classifier)
+    assert family_for(LlamaConfig(architectures=["LLaMAForCausalLM"])).model_type == "llama"  # an old conversion
     (tmp_path / "config.json").write_text('{"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}')
     with pytest.raises(ConfigError, match=r"a 't5' model \(T5ForConditionalGeneration\); loraserve serves"):
         preflight.local_model_path(str(tmp_path))
+
+
+def test_block_ids_outside_the_cache_are_refused_once_per_step_before_any_kernel_reads_them() -> None:
+    runner = runner_for(tiny("llama"), "native")
+    calls = []
+    check = runner.kernels.check_blocks
+    runner.kernels.check_blocks = lambda *args: (calls.append(args), check(*args))[1]  # type: ignore[method-assign]
+    runner.step([RowWork([1], tuple(range(5)), 0, wants_logits=False)])
+    runner.step([RowWork([1], (5,), 5), RowWork([2], (6,), 0)])
+    assert len(calls) == 2  # one per step, whatever the layers
+    with pytest.raises(ValueError, match=r"block ids from 1 to 12, outside \[0, 12\)"):
+        runner.step([RowWork([1, 12], (7,), 16)])
