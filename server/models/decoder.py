@@ -191,7 +191,6 @@ class DecoderRunner:
         config = model.config
         family = family_for(config)
         self.family = family
-        self.model = model
         self.decoder = model.model
         self.linears = linears
         self.kv = kv_cache
@@ -200,9 +199,7 @@ class DecoderRunner:
         self.num_heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = cache_shape(model, model.dtype).head_dim
-        self.groups = {
-            key: names for key, names in projection_groups(family).items() if key in (QKV_PROJ, GATE_UP_PROJ)
-        }
+        self.groups = {QKV_PROJ: family.qkv, GATE_UP_PROJ: family.gate_up}  # what _project_together fuses
         self._out_features = {name: out for name, (_, out) in projection_features(model).items()}
         # The native kernels where the model's own modules compute what they do; PyTorch ops elsewhere.
         self.kernels = kernels

@@ -226,6 +226,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     )
     model = AutoModelForCausalLM.from_pretrained(
         folder,
+        config=model_config,  # the config just checked, not a second reading of the file
         dtype=dtype,
         use_safetensors=True,
         trust_remote_code=False,

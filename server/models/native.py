@@ -274,7 +274,20 @@ class NativeKernels:
     def check_blocks(tables: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int) -> None:
         """ValueError unless every block id in tables [S, n] is in [0, num_blocks) and every length in [0, n *
         block_size]: what decode_attention reads through them."""
-        _check_blocks(tables, lengths, num_blocks, block_size)
+        table_width = tables.shape[1]
+        if tables.numel():  # aminmax refuses an empty tensor
+            lowest, highest = (int(end) for end in torch.aminmax(tables))
+            if lowest < 0 or highest >= num_blocks:
+                raise ValueError(
+                    f"decode attention: tables hold block ids from {lowest} to {highest}, outside [0, {num_blocks})"
+                )
+        if lengths.numel():
+            shortest, longest = (int(end) for end in torch.aminmax(lengths))
+            if shortest < 0 or longest > table_width * block_size:
+                raise ValueError(
+                    f"decode attention: lengths from {shortest} to {longest}, outside [0, {table_width * block_size}] "
+                    f"(table_width {table_width} * block_size {block_size})"
+                )
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * x / sqrt(mean(x^2, -1) + eps) for x [T, width]; weight: [width]."""
@@ -360,23 +373,6 @@ def _check_decode_attention(
         raise ValueError(
             f"decode attention: tables {list(tables.shape)} and lengths {list(lengths.shape)} must have q's {rows} rows"
         )
-
-
-def _check_blocks(tables: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int) -> None:
-    table_width = tables.shape[1]
-    if tables.numel():  # aminmax refuses an empty tensor
-        lowest, highest = (int(end) for end in torch.aminmax(tables))
-        if lowest < 0 or highest >= num_blocks:
-            raise ValueError(
-                f"decode attention: tables hold block ids from {lowest} to {highest}, outside [0, {num_blocks})"
-            )
-    if lengths.numel():
-        shortest, longest = (int(end) for end in torch.aminmax(lengths))
-        if shortest < 0 or longest > table_width * block_size:
-            raise ValueError(
-                f"decode attention: lengths from {shortest} to {longest}, outside [0, {table_width * block_size}] "
-                f"(table_width {table_width} * block_size {block_size})"
-            )
 
 
 def unsupported(shape: CacheShape, device: torch.device) -> str | None:
